@@ -1,0 +1,1 @@
+"""Connects search to the world: Lean environments, tactic generators, evaluation, the CLI."""

@@ -1,0 +1,62 @@
+"""The search result record: one JSON object per theorem (per member and for the ensemble)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    PROVED = "proved"  # a proof was found and verified
+    FAILED = "failed"  # the search space was exhausted (every node failed) without a proof
+    BUDGET_EXHAUSTED = "budget_exhausted"  # expansions/passes used up
+    TIMEOUT = "timeout"  # wall-clock limit reached
+    ERROR = "error"  # the environment could not start, or an unrecoverable error
+
+
+@dataclass
+class SearchResult:
+    """Everything a user needs about one search. Times are wall-clock seconds.
+
+    Invariant: `status == PROVED` iff `proof is not None and verified`. A proof found but
+    rejected by verification is reported with `status=FAILED`, `proof` set, `verified=False`
+    and the reason in `verification_message`.
+    """
+
+    theorem_id: str
+    status: Status
+    strategy: str
+    proof: list[str] | None = None
+    verified: bool = False
+    verification_message: str = ""
+    member: str | None = None  # which generator (ensemble member) found the proof / ran this search
+    passes: int = 0
+    expansions: int = 0
+    lean_calls: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    generator_calls: int = 0
+    generator_time_s: float = 0.0
+    lean_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    max_depth_reached: int = 0
+    errors: list[str] = field(default_factory=list)
+    members: dict[str, "SearchResult"] = field(default_factory=dict)  # ensemble: per member
+
+    @property
+    def proved(self) -> bool:
+        return self.status is Status.PROVED
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["status"] = self.status.value
+        record["members"] = {name: r.to_json() for name, r in self.members.items()}
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "SearchResult":
+        data = dict(record)
+        data["status"] = Status(data["status"])
+        data["members"] = {k: cls.from_json(v) for k, v in data.get("members", {}).items()}
+        return cls(**data)

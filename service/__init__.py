@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): submit theorems, get verified proofs. Nothing imports `service`."""
