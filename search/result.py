@@ -13,6 +13,7 @@ class Status(str, enum.Enum):
     BUDGET_EXHAUSTED = "budget_exhausted"  # expansions/passes used up
     TIMEOUT = "timeout"  # wall-clock limit reached
     ERROR = "error"  # the environment could not start, or an unrecoverable error
+    CANCELLED = "cancelled"  # stopped from outside (a cancel event, or another union member proved it)
 
 
 @dataclass
@@ -41,7 +42,10 @@ class SearchResult:
     lean_time_s: float = 0.0
     wall_time_s: float = 0.0
     max_depth_reached: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # first messages only; see error_counts
+    error_counts: dict[str, int] = field(default_factory=dict)  # every recorded error, by kind
+    dropped_candidates: dict[str, int] = field(default_factory=dict)  # empty/duplicate/forbidden/invalid
+    proof_members: list[str] | None = None  # per proof step, the member whose candidate it was
     members: dict[str, "SearchResult"] = field(default_factory=dict)  # ensemble: per member
 
     @property

@@ -1,0 +1,236 @@
+"""Tactic generation with a Hugging Face causal LM (CPU or one GPU), batched over states.
+
+Prompts come from `training.prompt.format_prompt` (the one prompt format) and are
+left-padded so many states share one `generate` call. Each returned candidate carries
+its exact log-probability: the sum, over the decoded completion tokens including the
+terminating EOS and excluding padding, of the natural-log token probabilities under the
+model at temperature 1 — computed by a re-scoring forward pass over the generated
+sequences, so it does not depend on the sampling temperature, top-k/top-p, or beam
+bookkeeping. Candidates are whitespace-stripped; deduplication is the search's job.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from search.types import Candidate
+from training.losses import IGNORE_INDEX, sequence_logprobs
+from training.prompt import format_prompt
+
+
+@dataclass(frozen=True)
+class GeneratedTactic:
+    """One decoded completion: `token_ids` are the generated tokens up to and including
+    the first EOS (`finished`) or up to `max_new_tokens` (not finished); `logprob` is their
+    summed natural-log probability under the model at temperature 1; `text` is the decoded
+    tactic (EOS and special tokens dropped, whitespace stripped)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprob: float
+    finished: bool
+
+
+@dataclass
+class GenerationStats:
+    """Counters since construction: `truncated` completions hit `max_new_tokens` before EOS
+    (their log-prob then has no EOS term); `sequences` is every decoded completion."""
+
+    calls: int = 0
+    states: int = 0
+    sequences: int = 0
+    truncated: int = 0
+
+
+class TransformersGenerator:
+    """A `TacticGenerator` over a causal LM.
+
+    `model` is a loaded model (with its `tokenizer`) or a checkpoint path / `tiny-qwen2`,
+    loaded with `training.modeling` on `device` in `dtype` (name: the directory's name).
+
+    - sampling (default): `k` independent samples per state at `temperature`
+      (top-k/top-p off unless given), so duplicates can occur;
+    - beam search (`beam_search=True`): the `k` best beams (`num_beams = k`), distinct.
+
+    `max_batch_states` bounds how many states share one `generate` call (each expands to
+    `k` sequences); `max_rescore_tokens` bounds the logits materialised at once while
+    re-scoring (rows × completion length × vocabulary, in elements).
+    Calls are serialised by a lock: one model, one forward at a time. Sampling draws from
+    torch's global RNG (`torch.manual_seed` makes runs reproducible).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        temperature: float = 1.0,
+        max_new_tokens: int = 96,
+        beam_search: bool = False,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        max_batch_states: int = 16,
+        max_prompt_tokens: int | None = 2048,
+        max_rescore_tokens: int = 1 << 26,
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        if max_batch_states < 1:
+            raise ValueError(f"max_batch_states must be >= 1, got {max_batch_states!r}")
+        if isinstance(model, (str, os.PathLike)):
+            if tokenizer is not None:
+                raise ValueError("give a tokenizer only with an already loaded model")
+            from training.modeling import load_causal_lm, load_tokenizer
+
+            name = name or Path(model).name
+            tokenizer = load_tokenizer(str(model))
+            model = load_causal_lm(str(model), dtype=dtype, device=device)
+        elif tokenizer is None:
+            raise ValueError("a loaded model needs its tokenizer")
+        elif dtype is not None:
+            raise ValueError("dtype applies when loading from a path; convert a loaded model yourself")
+        elif device is not None:
+            model = model.to(device)
+        self.name = name or "model"
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.max_new_tokens = int(max_new_tokens)
+        self.beam_search = bool(beam_search)
+        self.top_k = top_k
+        self.top_p = top_p
+        self.max_batch_states = int(max_batch_states)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_rescore_tokens = int(max_rescore_tokens)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: completions could never end")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+        self.stats = GenerationStats()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_path: str | Path, **options: Any) -> "TransformersGenerator":
+        """Load a checkpoint written by the trainer (or `training.modeling.TINY_MODEL`);
+        same as passing the path as `model`. Raises `training.modeling.ModelLoadError`."""
+        return cls(str(model_path), **options)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------- proposing
+
+    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
+        return [[Candidate(g.text, g.logprob) for g in row] for row in self.generate(states, k)]
+
+    def generate(self, states: Sequence[str], k: int) -> list[list[GeneratedTactic]]:
+        """`k` completions per state (samples or beams), with their tokens and exact log-probs."""
+        if k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        out: list[list[GeneratedTactic]] = []
+        with self._lock, torch.inference_mode():
+            self.stats.calls += 1
+            self.stats.states += len(states)
+            for start in range(0, len(states), self.max_batch_states):
+                out.extend(self._generate_batch(list(states[start : start + self.max_batch_states]), k))
+        return out
+
+    def prompt_ids(self, state: str) -> list[int]:
+        """The prompt tokens of `state` (no padding), as the model sees them."""
+        ids = self.tokenizer(format_prompt(state), add_special_tokens=False)["input_ids"]
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            ids = ids[-self.max_prompt_tokens :]
+        return list(ids)
+
+    def _encode(self, states: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and attention mask, [n, P]. Over-long prompts keep their end."""
+        rows = [self.prompt_ids(state) for state in states]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            if ids:
+                input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                mask[i, width - len(ids) :] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def _generate_batch(self, states: list[str], k: int) -> list[list[GeneratedTactic]]:
+        input_ids, prompt_mask = self._encode(states)
+        options: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
+        if self.beam_search:
+            options.update(do_sample=False, num_beams=k, early_stopping=True, length_penalty=0.0)
+        else:
+            options.update(
+                do_sample=True,
+                num_beams=1,
+                temperature=self.temperature,
+                top_k=self.top_k if self.top_k is not None else 0,
+                top_p=self.top_p if self.top_p is not None else 1.0,
+            )
+        sequences = self.model.generate(input_ids=input_ids, attention_mask=prompt_mask, **options)
+        prompt_len = input_ids.shape[1]
+        completion = sequences[:, prompt_len:]
+        comp_mask = completion_mask(completion, self.eos_id)
+        prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
+        logprobs = self._rescore(sequences, prompt_mask, comp_mask)
+
+        self.stats.sequences += completion.shape[0]
+        results: list[list[GeneratedTactic]] = [[] for _ in states]
+        for row in range(completion.shape[0]):
+            length = int(comp_mask[row].sum())
+            tokens = completion[row, :length].tolist()
+            finished = bool(tokens) and tokens[-1] == self.eos_id
+            if not finished:
+                self.stats.truncated += 1
+            text = self.tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True).strip()
+            results[row // k].append(GeneratedTactic(text, tuple(tokens), float(logprobs[row]), finished))
+        return results
+
+    def _rescore(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, comp_mask: torch.Tensor) -> torch.Tensor:
+        """Summed temperature-1 log-probs of the completion tokens selected by `comp_mask`, [rows]."""
+        prompt_len = prompt_mask.shape[1]
+        comp_len = comp_mask.shape[1]
+        attention = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)
+        # Positions count real tokens only, as `generate` does with left padding.
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        # Logits at positions prompt_len-1 .. end predict the completion tokens.
+        labels = sequences[:, prompt_len - 1 :].clone()
+        labels[:, 0] = IGNORE_INDEX
+        labels[:, 1:][comp_mask == 0] = IGNORE_INDEX
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 1)
+        rows_per_chunk = max(1, self.max_rescore_tokens // max(1, (comp_len + 1) * vocab))
+        out = torch.empty(sequences.shape[0], dtype=torch.float32, device=sequences.device)
+        for start in range(0, sequences.shape[0], rows_per_chunk):
+            sl = slice(start, start + rows_per_chunk)
+            logits = self.model(
+                input_ids=sequences[sl],
+                attention_mask=attention[sl],
+                position_ids=positions[sl],
+                logits_to_keep=comp_len + 1,
+            ).logits
+            out[sl] = sequence_logprobs(logits[:, -(comp_len + 1) :], labels[sl])
+        return out
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for generated tokens up to and including the first EOS, 0 after it (padding)."""
+    is_eos = (completion == eos_id).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos  # EOS tokens strictly before each position
+    return (eos_before == 0).long()

@@ -1,0 +1,294 @@
+"""Ensembles of tactic generators (the `N_eff` checkpoints).
+
+`union` — the DCO paper's ensemble. Every member runs its own search of the theorem with
+its own full budget (expansions or passes, and `time_limit_s` measured on a clock that
+only runs while that member is working). Members are interleaved round-robin, one step
+(an expansion, or a round of passes) at a time, so an easy proof found by any member ends
+the ensemble early; all members stop at the first *verified* proof (the others are
+recorded as CANCELLED). They share the environment, so a caching environment gives every
+member the Lean results of the others (cache hits). The result names the member that
+found the proof and holds every member's own record in `members`; its counters are the
+members' sums and its wall time is the ensemble's.
+
+`mixture` — one search whose every expansion (best-first) or step (sampling) asks all
+members for candidates and merges them by score (see `search.proposer.MixtureProposer`).
+The record's `proof_members` lists, per proof step, the member whose candidate it was, and
+`member` is the member that contributed most steps (ties: the one that contributed the
+latest, so the closing member wins a tie). `members` is empty: there is one search.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Literal, Mapping
+
+from search.best_first import BestFirstSearch, check_length_alpha
+from search.budget import Budget, Deadline
+from search.engine import SearchEngine
+from search.proposer import MixtureProposer, SingleProposer
+from search.result import SearchResult, Status
+from search.runtime import MAX_ERROR_MESSAGES, SearchContext, error_result, start_root
+from search.sampling import SamplingSearch, check_sampling_args
+from search.tactic_filter import TacticFilter
+from search.types import ProofEnvironment, ProofState, TacticGenerator, Theorem
+
+Strategy = Literal["best_first", "sampling"]
+STRATEGIES: tuple[str, ...] = ("best_first", "sampling")
+
+
+class ActiveClock:
+    """Monotonic seconds during which a member was running (between `resume` and `pause`)."""
+
+    __slots__ = ("_accumulated", "_since")
+
+    def __init__(self) -> None:
+        self._accumulated = 0.0
+        self._since: float | None = None
+
+    def resume(self) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self._accumulated += time.monotonic() - self._since
+            self._since = None
+
+    def __call__(self) -> float:
+        if self._since is None:
+            return self._accumulated
+        return self._accumulated + (time.monotonic() - self._since)
+
+
+def make_engine(
+    strategy: str,
+    ctx: SearchContext,
+    root: ProofState,
+    proposer: SingleProposer | MixtureProposer,
+    *,
+    length_alpha: float = 0.0,
+    samples_per_step: int = 1,
+    parallel_passes: int = 1,
+    seed: int | None = 0,
+) -> SearchEngine:
+    if strategy == "best_first":
+        return BestFirstSearch(ctx, root, proposer, length_alpha=length_alpha)
+    if strategy == "sampling":
+        return SamplingSearch(
+            ctx, root, proposer, samples_per_step=samples_per_step, parallel_passes=parallel_passes, seed=seed
+        )
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def _check_members(generators: Mapping[str, TacticGenerator]) -> None:
+    if not generators:
+        raise ValueError("an ensemble needs at least one generator")
+    for name, generator in generators.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"ensemble member names must be non-empty strings, got {name!r}")
+        if not callable(getattr(generator, "propose", None)):
+            raise TypeError(f"ensemble member {name!r} is not a TacticGenerator (no propose method)")
+
+
+def _check_args(
+    generators: Mapping[str, TacticGenerator], strategy: str, length_alpha: float, samples_per_step: int, parallel_passes: int
+) -> None:
+    _check_members(generators)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    check_length_alpha(length_alpha)
+    check_sampling_args(samples_per_step, parallel_passes)
+
+
+def _with_member(progress: Callable[[dict], None] | None, name: str) -> Callable[[dict], None] | None:
+    if progress is None:
+        return None
+
+    def report(payload: dict) -> None:
+        payload["member"] = name
+        progress(payload)
+
+    return report
+
+
+def union(
+    theorem: Theorem,
+    env: ProofEnvironment,
+    generators: Mapping[str, TacticGenerator],
+    *,
+    strategy: Strategy,
+    budget: Budget,
+    tactic_filter: TacticFilter | None = None,
+    length_alpha: float = 0.0,
+    samples_per_step: int = 1,
+    parallel_passes: int = 1,
+    seed: int | None = 0,
+    progress: Callable[[dict], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> SearchResult:
+    """Every member searches with its own budget; the first verified proof stops them all."""
+    _check_args(generators, strategy, length_alpha, samples_per_step, parallel_passes)
+    tactic_filter = tactic_filter or TacticFilter()
+    wall = Deadline(float("inf"))
+    root = start_root(env, theorem)
+    if not isinstance(root, ProofState):
+        return error_result(theorem, strategy, root, wall.elapsed())
+
+    names = list(generators)
+    clocks: dict[str, ActiveClock] = {}
+    engines: dict[str, SearchEngine] = {}
+    for index, name in enumerate(names):
+        clock = ActiveClock()
+        ctx = SearchContext(
+            env,
+            theorem,
+            budget,
+            tactic_filter=tactic_filter,
+            deadline=Deadline(budget.time_limit_s, clock=clock),
+            cancel=cancel,
+            progress=_with_member(progress, name),
+        )
+        clocks[name] = clock
+        engines[name] = make_engine(
+            strategy,
+            ctx,
+            root,
+            SingleProposer(name, generators[name], ctx),
+            length_alpha=length_alpha,
+            samples_per_step=samples_per_step,
+            parallel_passes=parallel_passes,
+            seed=None if seed is None else seed + index,
+        )
+
+    winner: str | None = None
+    running = list(names)
+    while running and winner is None:
+        for name in list(running):
+            clock = clocks[name]
+            clock.resume()
+            try:
+                status = engines[name].step()
+            finally:
+                clock.pause()
+            if status is None:
+                continue
+            running.remove(name)
+            if status is Status.PROVED:
+                winner = name
+                break
+    for name in running:
+        engines[name].stop(Status.CANCELLED)
+
+    members = {name: engines[name].result() for name in names}
+    return combine_union(theorem, strategy, members, winner, wall.elapsed(), cancelled=cancel is not None and cancel.is_set())
+
+
+def combine_union(
+    theorem: Theorem,
+    strategy: str,
+    members: dict[str, SearchResult],
+    winner: str | None,
+    wall_time_s: float,
+    *,
+    cancelled: bool = False,
+) -> SearchResult:
+    """The ensemble record from the members' records.
+
+    Status: PROVED with the winner's proof; else FAILED with the first rejected proof if a
+    member had one; else CANCELLED if the cancel event fired; else TIMEOUT if any member
+    timed out, BUDGET_EXHAUSTED if any used its budget, FAILED if every member exhausted
+    its search space.
+    """
+    results = list(members.values())
+    combined = SearchResult(theorem_id=theorem.id, status=Status.FAILED, strategy=strategy, members=members)
+    if winner is not None:
+        source = members[winner]
+        combined.status = Status.PROVED
+        combined.member = winner
+        combined.proof = list(source.proof or [])
+        combined.proof_members = list(source.proof_members or [])
+        combined.verified = True
+        combined.verification_message = source.verification_message
+    else:
+        rejected = next((r for r in results if r.proof is not None), None)
+        statuses = {r.status for r in results}
+        if rejected is not None:
+            combined.status = Status.FAILED
+            combined.member = rejected.member
+            combined.proof = list(rejected.proof or [])
+            combined.proof_members = list(rejected.proof_members or [])
+            combined.verification_message = rejected.verification_message
+        elif cancelled:
+            combined.status = Status.CANCELLED
+        elif Status.TIMEOUT in statuses:
+            combined.status = Status.TIMEOUT
+        elif Status.BUDGET_EXHAUSTED in statuses:
+            combined.status = Status.BUDGET_EXHAUSTED
+        elif Status.CANCELLED in statuses:
+            combined.status = Status.CANCELLED
+        else:
+            combined.status = Status.FAILED
+    for name, r in members.items():
+        combined.passes += r.passes
+        combined.expansions += r.expansions
+        combined.lean_calls += r.lean_calls
+        combined.cache_hits += r.cache_hits
+        combined.cache_misses += r.cache_misses
+        combined.generator_calls += r.generator_calls
+        combined.generator_time_s += r.generator_time_s
+        combined.lean_time_s += r.lean_time_s
+        combined.max_depth_reached = max(combined.max_depth_reached, r.max_depth_reached)
+        for kind, count in r.error_counts.items():
+            combined.error_counts[kind] = combined.error_counts.get(kind, 0) + count
+        for reason, count in r.dropped_candidates.items():
+            combined.dropped_candidates[reason] = combined.dropped_candidates.get(reason, 0) + count
+        for message in r.errors:
+            if len(combined.errors) < MAX_ERROR_MESSAGES:
+                combined.errors.append(f"[{name}] {message}")
+    combined.wall_time_s = wall_time_s
+    return combined
+
+
+def mixture(
+    theorem: Theorem,
+    env: ProofEnvironment,
+    generators: Mapping[str, TacticGenerator],
+    *,
+    strategy: Strategy,
+    budget: Budget,
+    tactic_filter: TacticFilter | None = None,
+    length_alpha: float = 0.0,
+    samples_per_step: int = 1,
+    parallel_passes: int = 1,
+    seed: int | None = 0,
+    progress: Callable[[dict], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> SearchResult:
+    """One search whose candidates come from every member, merged by score."""
+    _check_args(generators, strategy, length_alpha, samples_per_step, parallel_passes)
+    deadline = Deadline(budget.time_limit_s)
+    root = start_root(env, theorem)
+    if not isinstance(root, ProofState):
+        return error_result(theorem, strategy, root, deadline.elapsed())
+    ctx = SearchContext(
+        env,
+        theorem,
+        budget,
+        tactic_filter=tactic_filter or TacticFilter(),
+        deadline=deadline,
+        cancel=cancel,
+        progress=progress,
+    )
+    proposer = MixtureProposer([SingleProposer(name, g, ctx) for name, g in generators.items()])
+    engine = make_engine(
+        strategy,
+        ctx,
+        root,
+        proposer,
+        length_alpha=length_alpha,
+        samples_per_step=samples_per_step,
+        parallel_passes=parallel_passes,
+        seed=seed,
+    )
+    return engine.run()
