@@ -1,1 +1,15 @@
-"""The HTTP API (FastAPI): submit theorems, get verified proofs. Nothing imports `service`."""
+"""The HTTP API (FastAPI): submit theorems, get verified proofs. Nothing imports `service`.
+
+Modules, one concept each:
+- `config`: the service configuration (YAML/TOML), every limit with its unit.
+- `schemas`: request/response models (the OpenAPI schema at /docs).
+- `requests`: untrusted request → normalised job request, or 422 naming the problem.
+- `backend`: the one place that calls `prover` (backend choice, theorem lookup, running a job).
+- `store`: the durable SQLite (WAL) job store.
+- `auth`: hashed API keys, scopes, per-key token buckets.
+- `workers` / `worker_process`: supervisor threads and the worker processes that search.
+- `events`: progress fan-out to server-sent-event streams.
+- `metrics`: Prometheus metrics.
+- `routers/`: the HTTP routes; `app`: `create_app(config)` and uvicorn's factory.
+- `manage`: `python -m service.manage add-key NAME` (what `dco-prover serve --add-key` runs).
+"""

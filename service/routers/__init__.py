@@ -1,0 +1,1 @@
+"""HTTP routers: proofs (jobs), check (one verification), health (liveness, readiness, metrics)."""
