@@ -20,13 +20,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
-import torch
+from training.prompt import IGNORE_INDEX, format_completion, format_prompt
 
-from training.losses import IGNORE_INDEX
-from training.prompt import format_completion, format_prompt
+if TYPE_CHECKING:  # torch and datasets load lazily: reading a benchmark needs neither
+    import datasets
+    import torch
 
 SAMPLE_PATH: Path = Path(
     str(resources.files("training").joinpath("resources", "leandojo_benchmark_4", "random_test_head.json"))
@@ -183,6 +183,8 @@ def load_tactic_examples(
     Theorems without traced tactics are skipped and counted; with `dedup`, later exact
     repeats of a (state_before, tactic) pair are removed and counted.
     """
+    import datasets
+
     columns: dict[str, list[Any]] = {name: [] for name in EXAMPLE_COLUMNS}
     stats = LoadStats()
     seen: set[tuple[str, str]] = set()
@@ -308,6 +310,8 @@ def tokenize_examples(
     example is dropped) or dropped (`drop`). Output columns: `input_ids`, `labels`,
     `attention_mask`, `theorem_id`, `step`.
     """
+    import datasets
+
     if length_policy not in ("truncate_left", "drop"):
         raise ValueError(f"length_policy must be 'truncate_left' or 'drop', got {length_policy!r}")
     if max_length < 2:
@@ -367,6 +371,8 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     in order of first appearance) when they have `theorem_id` — the grouping that
     `training.losses.proof_level_dco_loss` takes.
     """
+    import torch
+
     if not batch:
         raise ValueError("cannot collate an empty batch")
     longest = max(len(row["input_ids"]) for row in batch)

@@ -30,8 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
-"""Label value of positions that carry no loss (prompt tokens, padding)."""
+from training.prompt import IGNORE_INDEX  # noqa: E402  (re-exported: the label of no-loss positions)
 
 LOGP_CLAMP_TOL = 1e-4
 """Positive log-probabilities up to this value (nats) are rounding error and clamp to 0.

@@ -6,6 +6,9 @@ Training (labels on the completion only) and generation (transformers, vLLM) bot
 
 from __future__ import annotations
 
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt tokens, padding): completion-only training."""
+
 PROMPT_TEMPLATE = "[GOAL]\n{state}\n[PROOFSTEP]\n"
 
 
