@@ -1,12 +1,15 @@
 """The `dco-prover` command line: one subcommand per job.
 
-Each job's implementation lives in its own module and is imported lazily, so `--help`
-and `doctor` stay fast and work without the optional extras.
+Each job lives in its own `prover/cli_*.py` module; those modules import their heavy
+dependencies (torch, transformers, Ray, uvicorn) inside the commands, so `--help` and
+`doctor` stay fast and work without the optional extras.
 """
 
 from __future__ import annotations
 
 import typer
+
+from prover import cli_eval, cli_lean, cli_pipeline, cli_prove, cli_serve, cli_train, doctor
 
 app = typer.Typer(
     name="dco-prover",
@@ -22,32 +25,14 @@ def _root() -> None:
     """Lean 4 theorem proving with step-wise DCO-trained models."""
 
 
-def _register() -> None:
-    from prover import doctor
-
-    app.command("doctor", help="Report what this machine can run and how to get what is missing.")(doctor.doctor_command)
-    try:
-        from prover import cli_train
-
-        app.command("train", help="Fine-tune one checkpoint per N_eff with step-wise DCO.")(cli_train.train_command)
-        app.command("diagnose", help="Greedy-completion confidence per checkpoint (JSON + histogram).")(cli_train.diagnose_command)
-    except ImportError:  # pragma: no cover - module lands with the trainer
-        pass
-    try:
-        from prover import cli_prove
-
-        app.command("prove", help="Search for a proof of one theorem.")(cli_prove.prove_command)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from prover import cli_lean
-
-        app.command("setup-lean", help="Install elan, the pinned Lean toolchain, Mathlib cache and the REPL.")(cli_lean.setup_lean_command)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-_register()
+app.command("doctor", help="Report what this machine can run and how to get what is missing.")(doctor.doctor_command)
+app.command("pipeline", help="End to end: train CE and DCO models, search held-out theorems, write a Table-2 report.")(cli_pipeline.pipeline_command)
+app.command("train", help="Fine-tune one checkpoint per N_eff with step-wise DCO and write the ensemble manifest.")(cli_train.train_command)
+app.command("diagnose", help="Greedy-completion confidence per checkpoint (JSON + histogram, the paper's Figure 1).")(cli_train.diagnose_command)
+app.command("prove", help="Search for a proof of one theorem.")(cli_prove.prove_command)
+app.command("eval", help="Batch evaluation of members and ensemble on a benchmark (resumable, Ray).")(cli_eval.eval_command)
+app.command("serve", help="Run the HTTP proof service.")(cli_serve.serve_command)
+app.command("setup-lean", help="Install elan, the pinned Lean toolchain, the Mathlib cache and the REPL.")(cli_lean.setup_lean_command)
 
 
 def main() -> None:  # pragma: no cover

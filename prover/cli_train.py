@@ -17,13 +17,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from training.config import ConfigError, load_config
+from training.config import ConfigError, TrainConfig, load_config
 from training.data import DataFormatError
-from training.ensemble import MANIFEST_NAME, EnsembleMember, ManifestError, member_name, read_manifest, write_manifest
-from training.modeling import ModelLoadError
+from training.ensemble import MANIFEST_NAME, EnsembleMember, ManifestError, read_manifest
 
-# Errors that are the user's input; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (ConfigError, ManifestError, ModelLoadError, DataFormatError, FileNotFoundError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input; anything else is a bug and keeps its traceback.
+
+    Evaluated only when an exception is being matched, so `import prover.cli` does not
+    pay for torch and transformers (`training.modeling`)."""
+    from training.modeling import ModelLoadError
+
+    return (ConfigError, ManifestError, ModelLoadError, DataFormatError, FileNotFoundError)
 
 err_console = Console(stderr=True)
 
@@ -82,7 +88,8 @@ def train_command(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
 ) -> None:
     """Fine-tune one checkpoint per N_eff with step-wise DCO and write the ensemble manifest."""
-    from training.trainer import distributed_state, train
+    from training.ensemble_training import member_configs, train_ensemble
+    from training.trainer import distributed_state
 
     try:
         n_effs = parse_n_effs(n_eff, n_eff_values)
@@ -92,38 +99,20 @@ def train_command(
                          progress=progress, overwrite=overwrite or None)
         base = load_config(config, **overrides)
         root = output_dir or base.output_dir
-        runs = [base.with_overrides(n_eff=n, output_dir=root / member_name(n)) for n in (n_effs or [base.n_eff])]
-    except _USER_ERRORS as exc:
+        runs = member_configs(base, n_effs, root)
+    except _user_errors() as exc:
         raise _fail(str(exc)) from None
 
-    main_process = distributed_state().is_main_process
-    members: list[EnsembleMember] = []
-    for run in runs:
-        if main_process:
-            err_console.print(f"training N_eff={run.n_eff} ({run.model}) -> {run.output_dir}")
-        try:
-            result = train(run)
-        except _USER_ERRORS as exc:
-            raise _fail(f"N_eff={run.n_eff}: {exc}") from None
-        members.append(EnsembleMember(
-            name=member_name(run.n_eff), n_eff=run.n_eff, checkpoint=str(result.checkpoint), base_model=run.model,
-            loss=run.loss, epsilon=run.epsilon, config_hash=result.config_hash, steps=result.steps,
-            metrics=_summary(result.final_metrics, result.stopped_early),
-        ))
-        if main_process:  # after every member, so a partial ensemble is usable
-            write_manifest(root / MANIFEST_NAME, members)
-    if main_process:
-        _print_members(members, root / MANIFEST_NAME)
+    def announce(run: TrainConfig) -> None:
+        err_console.print(f"training N_eff={run.n_eff} ({run.model}) -> {run.output_dir}")
 
-
-def _summary(final_metrics: dict, stopped_early: str | None) -> dict:
-    last = final_metrics.get("last_step", {})
-    summary = {k: last.get(k) for k in ("loss", "mean_F", "epoch") if k in last}
-    summary.update({k: v for k, v in final_metrics.get("eval", {}).items()})
-    summary["discarded_total"] = final_metrics.get("replacement_totals", {}).get("discarded", 0)
-    if stopped_early:
-        summary["stopped_early"] = stopped_early
-    return summary
+    manifest = root / MANIFEST_NAME
+    try:
+        members = train_ensemble(runs, manifest, on_start=announce)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    if distributed_state().is_main_process:
+        _print_members(members, manifest)
 
 
 def _print_members(members: list[EnsembleMember], manifest: Path) -> None:
@@ -174,7 +163,7 @@ def diagnose_command(
         report = diagnose(named, output_dir, data=data, split=split, eval_fraction=eval_fraction, seed=seed,  # type: ignore[arg-type]
                           max_length=max_length, max_new_tokens=max_new_tokens, max_examples=max_examples,
                           batch_size=batch_size)
-    except _USER_ERRORS as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from None
     table = Table(title="greedy-completion confidence")
     for column in ("checkpoint", "examples", "mean p", "median p", "p > 0.5", "exact match"):

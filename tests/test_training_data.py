@@ -234,3 +234,17 @@ def test_collate_pads_right(sample, tokenizer) -> None:
     assert batch["proof_index"].tolist() == expected and batch["step"].tolist() == [r["step"] for r in rows]
     with pytest.raises(ValueError, match="empty"):
         collate([], 0)
+
+
+def test_tokenize_examples_accepts_an_empty_split() -> None:
+    """eval_fraction 0 leaves an empty eval side; tokenizing it gives an empty dataset."""
+    from training.data import SAMPLE_PATH, load_tactic_examples, tokenize_examples
+    from training.modeling import TINY_MODEL, load_tokenizer
+
+    examples, _ = load_tactic_examples(SAMPLE_PATH)
+    empty = examples.select([])
+    tokenized, stats = tokenize_examples(
+        empty, load_tokenizer(TINY_MODEL), max_length=64, length_policy="truncate_left"
+    )
+    assert len(tokenized) == 0
+    assert stats.examples == 0 and stats.kept == 0

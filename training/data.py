@@ -153,6 +153,29 @@ def read_benchmark(path: str | os.PathLike[str]) -> list[BenchmarkTheorem]:
     return [_parse_theorem(path, i, item) for i, item in enumerate(raw)]
 
 
+def write_benchmark_subset(
+    source: str | os.PathLike[str], theorem_ids: Iterable[str], destination: str | os.PathLike[str]
+) -> int:
+    """Copy the records of `theorem_ids` from a LeanDojo JSON file into a new file of the
+    same format (records unchanged, file order kept). Returns the number written.
+
+    Raises `KeyError` naming ids that are not in `source` (nothing is silently dropped).
+    """
+    wanted = set(theorem_ids)
+    with Path(source).open(encoding="utf-8") as handle:
+        records = json.load(handle)
+    kept = [r for r in records if isinstance(r, dict) and r.get("full_name") in wanted]
+    missing = wanted - {r["full_name"] for r in kept}
+    if missing:
+        raise KeyError(f"{source}: no theorem named {', '.join(sorted(missing)[:5])}")
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_name(destination.name + ".tmp")
+    tmp.write_text(json.dumps(kept, ensure_ascii=True), encoding="utf-8")
+    tmp.replace(destination)
+    return len(kept)
+
+
 # ----------------------------------------------------------------------------- examples
 
 
@@ -323,11 +346,14 @@ def tokenize_examples(
     if eos is None:
         raise ValueError("tokenizer has no EOS token; completions must end with one")
 
-    states = dataset["state_before"]
-    prompts = tokenizer([format_prompt(s) for s in states], add_special_tokens=False)["input_ids"]
-    completions = tokenizer(
-        [format_completion(t) for t in dataset["tactic"]], add_special_tokens=False
-    )["input_ids"]
+    states = list(dataset["state_before"])
+
+    def token_ids(texts: list[str]) -> list[list[int]]:
+        # Fast tokenizers reject an empty batch; an empty split is legitimate (eval_fraction 0).
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    prompts = token_ids([format_prompt(s) for s in states])
+    completions = token_ids([format_completion(t) for t in dataset["tactic"]])
     stats = TokenizeStats(examples=len(states))
     out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "attention_mask", "theorem_id", "step")}
     for row, (state, prompt, completion, theorem_id, step) in enumerate(

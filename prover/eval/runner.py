@@ -1,0 +1,221 @@
+"""`run_eval`: select theorems, skip finished ones, run a backend, write the reports.
+
+The results file is the single source of truth: the summary, the table and the plots are
+recomputed from it after every run (and by `rebuild_reports` on demand), never from
+in-memory counters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from prover.eval.backend import BackendReport
+from prover.eval.config import EvalConfig, identity
+from prover.eval.records import ENSEMBLE, EvalRecord
+from prover.eval.report import table_markdown, write_plots
+from prover.eval.rundir import RunDirectory
+from prover.eval.summary import summarize
+from prover.eval.worker import TheoremTask
+from search.types import TacticGenerator
+
+
+
+@dataclass
+class Selection:
+    """The theorems of a run, per benchmark, after `limit`; `duplicates` were repeated ids
+    in a benchmark file (each kept once, counted here)."""
+
+    tasks: dict[str, list[TheoremTask]]
+    duplicates: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def expected(self) -> dict[str, list[str]]:
+        """benchmark → ids of the selected theorems."""
+        return {name: [t.theorem.id for t in tasks] for name, tasks in self.tasks.items()}
+
+
+def select_theorems(config: EvalConfig) -> Selection:
+    tasks: dict[str, list[TheoremTask]] = {}
+    duplicates: dict[str, int] = {}
+    for bench in config.benchmarks:
+        seen: set[str] = set()
+        chosen: list[TheoremTask] = []
+        for theorem in bench.load():
+            if theorem.id in seen:
+                duplicates[bench.name] = duplicates.get(bench.name, 0) + 1
+                continue
+            seen.add(theorem.id)
+            chosen.append(TheoremTask(bench.name, theorem))
+        tasks[bench.name] = chosen[: config.limit] if config.limit is not None else chosen
+    return Selection(tasks, duplicates)
+
+
+@dataclass
+class EvalOutcome:
+    """What a run did: `new_theorems` recorded now, `skipped` already recorded before."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    report: BackendReport
+    new_theorems: int
+    skipped: int
+    dropped_torn_lines: int
+    elapsed_s: float
+    plots: list[Path]
+
+    def final_line(self) -> str:
+        return final_line(self.summary)
+
+
+def final_line(summary: Mapping[str, Any]) -> str:
+    parts = []
+    for info in summary["benchmarks"].values():
+        row = info["rows"][ENSEMBLE]
+        parts.append(f"{info['label']} {row['proved']}/{row['theorems']} = {100.0 * row['pass_rate']:.1f}%")
+    status = "" if summary["complete"] else " (incomplete)"
+    return "pass rate (ensemble): " + "; ".join(parts) + status
+
+
+def _normalised(config: EvalConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(config.to_json()))
+
+
+def choose_backend(config: EvalConfig, *, generators: Mapping[str, TacticGenerator] | None = None, on_dispatch=None):
+    """Ray when asked for (and installed), else the local backend."""
+    if config.distribution.use_ray:
+        from prover.eval.ray_backend import RayBackend
+
+        if generators is not None:
+            raise ValueError("prebuilt generators only work with the local backend")
+        return RayBackend(config, on_dispatch=on_dispatch)
+    from prover.eval.local_backend import LocalBackend
+
+    return LocalBackend(config, generators=generators)
+
+
+def run_eval(
+    config: EvalConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    backend=None,
+    generators: Mapping[str, TacticGenerator] | None = None,
+    on_dispatch=None,
+    progress: bool = False,
+    on_group: Callable[[list[EvalRecord]], None] | None = None,
+) -> EvalOutcome:
+    """Evaluate `config` into `run_dir` (see the module docstring).
+
+    `resume`: continue an existing run (same identity), skipping recorded theorems.
+    `backend`: an object with `run(tasks, sink)`; chosen from the config when None.
+    `progress`: show a rich progress bar on stderr.
+    """
+    started = time.monotonic()
+    config_json = _normalised(config)
+    selection = select_theorems(config)
+    stored = dict(config_json, expected={name: len(ids) for name, ids in selection.expected.items()}, duplicates=selection.duplicates)
+    if resume:
+        run, loaded = RunDirectory.open_for_resume(run_dir, identity(config_json), identity)
+        run.update_config(stored)
+        done = {r.key for r in loaded.records}
+        dropped = loaded.dropped_lines
+    else:
+        run = RunDirectory.create(run_dir, stored)
+        done, dropped = set(), 0
+    try:
+        todo = [t for tasks in selection.tasks.values() for t in tasks if t.key not in done]
+        skipped = sum(len(tasks) for tasks in selection.tasks.values()) - len(todo)
+        if backend is None:
+            backend = choose_backend(config, generators=generators, on_dispatch=on_dispatch)
+        with _Progress(len(todo), skipped, enabled=progress) as bar:
+
+            def sink(group: list[EvalRecord]) -> None:
+                run.append_group(group)
+                bar.advance(group[-1].proved)
+                if on_group is not None:
+                    on_group(group)
+
+            report = backend.run(todo, sink) if todo else BackendReport("none", 0)
+        elapsed = time.monotonic() - started
+        summary, plots = rebuild_reports(run, config, selection.expected, extra={"last_invocation": {
+            **report.to_json(),
+            "new_theorems": len(todo),
+            "skipped_already_recorded": skipped,
+            "dropped_torn_lines": dropped,
+            "elapsed_s": elapsed,
+            "theorems_per_s": len(todo) / elapsed if elapsed > 0 else 0.0,
+        }, "duplicate_ids_skipped": selection.duplicates})
+    finally:
+        run.close()
+    return EvalOutcome(Path(run_dir), summary, report, len(todo), skipped, dropped, elapsed, plots)
+
+
+def rebuild_reports(
+    run: RunDirectory, config: EvalConfig, expected: Mapping[str, Sequence[str]], *, extra: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], list[Path]]:
+    """summary.json, table.md and plots/ recomputed from results.jsonl."""
+    records = run.records()
+    summary = summarize(
+        records,
+        strategy=config.strategy,
+        expected=expected,
+        members=config.member_names if config.ensemble != "mixture" else [],
+        labels={b.name: b.label for b in config.benchmarks},
+    )
+    summary["budget"] = config.budget.to_json()
+    summary["ensemble_mode"] = config.ensemble
+    summary.update(extra or {})
+    run.write_summary(summary)
+    run.write_table(table_markdown(summary, budget=config.budget.to_json(), ensemble=config.ensemble, title=f"Evaluation: {run.path.name}"))
+    plots = write_plots(summary, run.plots_path)
+    return summary, plots
+
+
+class _Progress:
+    """A rich progress bar (stderr) with proved / failed counts and an ETA; no-op when disabled."""
+
+    def __init__(self, total: int, skipped: int, *, enabled: bool) -> None:
+        self.total = total
+        self.skipped = skipped
+        self.enabled = enabled and total > 0
+        self.proved = 0
+        self.failed = 0
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]eval"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("[green]proved {task.fields[proved]}[/] [red]failed {task.fields[failed]}[/]"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._progress.__enter__()
+            if self.skipped:
+                self._progress.console.print(f"resuming: {self.skipped} theorem(s) already recorded, {self.total} to go")
+            self._task = self._progress.add_task("eval", total=self.total, proved=0, failed=0)
+        return self
+
+    def advance(self, proved: bool) -> None:
+        if proved:
+            self.proved += 1
+        else:
+            self.failed += 1
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, proved=self.proved, failed=self.failed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

@@ -1,0 +1,173 @@
+"""Pass rates per benchmark and member, recomputed from the records (the single source of truth).
+
+The denominator of a row is the number of theorems recorded for that benchmark: errors
+(environment start failures, workers lost past their retries) are failures, never
+dropped. `expected` names the theorems the run selected; `complete` says whether every
+one of them is recorded (`missing` counts the others).
+
+Pass-rate curves: for a member, the point `(x, y)` means a fraction `y` of the recorded
+theorems was proved using at most `x` passes (sampling) or expansions (best-first) of that
+member's budget. For the ensemble, a theorem counts at `x` once any member proved it
+within `x` of its own budget (members searched independently, each with the same budget),
+so the ensemble curve is the union of the member curves; without member records (a
+mixture ensemble) the ensemble line's own count is used.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any, Collection, Iterable, Mapping, Sequence
+
+from prover.eval.records import ENSEMBLE, EvalRecord
+
+MAX_LISTED_ERRORS = 20
+
+
+def usage_metric(strategy: str) -> str:
+    """The budget counter the curves use: `passes` for sampling, `expansions` for best-first."""
+    return "passes" if "sampl" in strategy.lower() else "expansions"
+
+
+def pass_rate_curve(usages: Sequence[int | None], denominator: int) -> list[tuple[int, float]]:
+    """Cumulative pass rate: `usages` holds, per proved theorem, the budget it used.
+
+    Returns `(x, fraction of the denominator proved within x)` at each distinct `x`, in
+    increasing `x`. `None` entries (unproved) are ignored.
+    """
+    if denominator <= 0:
+        return []
+    proved = sorted(u for u in usages if u is not None)
+    points: list[tuple[int, float]] = []
+    for index, x in enumerate(proved):
+        if index + 1 < len(proved) and proved[index + 1] == x:
+            continue
+        points.append((int(x), (index + 1) / denominator))
+    return points
+
+
+def _usage(record: EvalRecord, metric: str) -> int | None:
+    if not record.proved:
+        return None
+    value = record.result.get(metric, 0)
+    return int(value) if value is not None else 0
+
+
+def _row(records: Sequence[EvalRecord], metric: str, usages: Sequence[int | None] | None = None) -> dict[str, Any]:
+    n = len(records)
+    proved = sum(r.proved for r in records)
+    statuses = Counter(r.status for r in records)
+    errors = [{"theorem_id": r.theorem_id, "error": r.error or "; ".join(r.result.get("errors", [])[:1])} for r in records if r.status == "error"]
+    walls = [float(r.result.get("wall_time_s", 0.0)) for r in records]
+    used = usages if usages is not None else [_usage(r, metric) for r in records]
+    return {
+        "theorems": n,
+        "proved": proved,
+        "pass_rate": proved / n if n else 0.0,
+        "status_counts": dict(sorted(statuses.items())),
+        "errors": len(errors),
+        "error_examples": errors[:MAX_LISTED_ERRORS],
+        "retried": sum(1 for r in records if r.attempts > 1),
+        "wall_time_s_total": sum(walls),
+        "wall_time_s_mean": sum(walls) / n if n else 0.0,
+        f"{metric}_total": sum(int(r.result.get(metric, 0) or 0) for r in records),
+        "curve": [list(p) for p in pass_rate_curve(used, n)],
+    }
+
+
+def summarize(
+    records: Iterable[EvalRecord],
+    *,
+    strategy: str,
+    expected: Mapping[str, Collection[str]] | None = None,
+    members: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The run's summary (see the module docstring). Pure: depends only on its arguments.
+
+    `expected`: benchmark → ids of the selected theorems. `members`: the member order for
+    the rows (defaults to first appearance). `labels`: benchmark → display name.
+    """
+    metric = usage_metric(strategy)
+    by_bench: dict[str, dict[str, list[EvalRecord]]] = defaultdict(lambda: defaultdict(list))
+    order: list[str] = list(members or [])
+    for record in records:
+        by_bench[record.benchmark][record.member].append(record)
+        if record.member != ENSEMBLE and record.member not in order:
+            order.append(record.member)
+    expected = dict(expected or {})
+    benchmarks: dict[str, Any] = {}
+    for bench in list(expected) + [b for b in by_bench if b not in expected]:
+        rows_in = by_bench.get(bench, {})
+        ensemble_records = rows_in.get(ENSEMBLE, [])
+        rows: dict[str, Any] = {}
+        for member in order:
+            if member in rows_in:
+                rows[member] = _row(rows_in[member], metric)
+        rows[ENSEMBLE] = _row(ensemble_records, metric, _ensemble_usages(ensemble_records, rows_in, metric))
+        recorded = len(ensemble_records)
+        want = expected.get(bench)
+        missing = len(set(want) - {r.theorem_id for r in ensemble_records}) if want is not None else None
+        benchmarks[bench] = {
+            "label": (labels or {}).get(bench, bench),
+            "recorded": recorded,
+            "expected": len(want) if want is not None else None,
+            "missing": missing,
+            "complete": missing == 0,
+            "rows": rows,
+        }
+    overall_recorded = sum(b["recorded"] for b in benchmarks.values())
+    overall_proved = sum(b["rows"][ENSEMBLE]["proved"] for b in benchmarks.values())
+    return {
+        "strategy": strategy,
+        "usage_metric": metric,
+        "members": order,
+        "benchmarks": benchmarks,
+        "recorded": overall_recorded,
+        "proved": overall_proved,
+        "pass_rate": overall_proved / overall_recorded if overall_recorded else 0.0,
+        "complete": all(b["complete"] for b in benchmarks.values()) and bool(benchmarks),
+    }
+
+
+def _ensemble_usages(
+    ensemble_records: Sequence[EvalRecord], rows_in: Mapping[str, Sequence[EvalRecord]], metric: str
+) -> list[int | None]:
+    per_theorem: dict[str, list[EvalRecord]] = defaultdict(list)
+    for member, recs in rows_in.items():
+        if member == ENSEMBLE:
+            continue
+        for r in recs:
+            per_theorem[r.theorem_id].append(r)
+    usages: list[int | None] = []
+    for record in ensemble_records:
+        if not record.proved:
+            usages.append(None)
+            continue
+        member_usages = [u for u in (_usage(r, metric) for r in per_theorem.get(record.theorem_id, [])) if u is not None]
+        usages.append(min(member_usages) if member_usages else _usage(record, metric))
+    return usages
+
+
+def check_summary_against_records(summary: Mapping[str, Any], records: Sequence[EvalRecord]) -> list[str]:
+    """Disagreements between a summary and the records (empty when they agree).
+
+    Recounts, per benchmark and member, the theorems and the proved ones straight from the
+    records, independently of `summarize`.
+    """
+    problems: list[str] = []
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        cell = counts[(r.benchmark, r.member)]
+        cell[0] += 1
+        cell[1] += int(r.status == "proved")
+    seen: set[tuple[str, str]] = set()
+    for bench, info in summary.get("benchmarks", {}).items():
+        for member, row in info.get("rows", {}).items():
+            seen.add((bench, member))
+            n, k = counts.get((bench, member), [0, 0])
+            if row["theorems"] != n or row["proved"] != k:
+                problems.append(f"{bench}/{member}: summary says {row['proved']}/{row['theorems']}, records say {k}/{n}")
+    for key in counts:
+        if key not in seen:
+            problems.append(f"{key[0]}/{key[1]}: in the records but not in the summary")
+    return problems
