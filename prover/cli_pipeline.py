@@ -28,6 +28,9 @@ def pipeline_command(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train CE and DCO members, measure their confidence, search train and held-out theorems, report."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
     from prover.pipeline import PipelineSettings, run_pipeline
     from search.budget import Budget
     from training.config import ConfigError
@@ -35,6 +38,9 @@ def pipeline_command(
     if strategy not in ("sampling", "best_first"):
         err_console.print(f"[bold red]error:[/] --strategy must be sampling or best_first, got {strategy!r}")
         raise typer.Exit(code=2)
+    # Per-file load/save bars of the hub libraries drown the stage log; the stages have their own.
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         settings = PipelineSettings(
             output_dir=output_dir,

@@ -145,7 +145,11 @@ def write_report(settings: PipelineSettings, manifest: Path, confidence: dict[st
     from training.ensemble import read_manifest
 
     members = read_manifest(manifest).members
-    table = (settings.output_dir / "eval" / "table.md").read_text()
+    # The evaluation's own page, its headings demoted under this report's.
+    table = "\n".join(
+        "##" + line if line.startswith("#") else line
+        for line in (settings.output_dir / "eval" / "table.md").read_text().splitlines()
+    )
     lines = [
         "# dco-prover pipeline report",
         "",
