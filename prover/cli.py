@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from prover import cli_eval, cli_lean, cli_pipeline, cli_prove, cli_serve, cli_train, doctor
+from prover import cli_eval, cli_expert, cli_lean, cli_pipeline, cli_prove, cli_serve, cli_train, doctor
 
 app = typer.Typer(
     name="dco-prover",
@@ -31,6 +31,7 @@ app.command("train", help="Fine-tune one checkpoint per N_eff with step-wise DCO
 app.command("diagnose", help="Greedy-completion confidence per checkpoint (JSON + histogram, the paper's Figure 1).")(cli_train.diagnose_command)
 app.command("prove", help="Search for a proof of one theorem.")(cli_prove.prove_command)
 app.command("eval", help="Batch evaluation of members and ensemble on a benchmark (resumable, Ray).")(cli_eval.eval_command)
+app.command("expert-iteration", help="Prove unproved theorems, add the verified steps to the data, retrain every N_eff, evaluate; repeat.")(cli_expert.expert_iteration_command)
 app.command("serve", help="Run the HTTP proof service.")(cli_serve.serve_command)
 app.command("setup-lean", help="Install elan, the pinned Lean toolchain, the Mathlib cache and the REPL.")(cli_lean.setup_lean_command)
 

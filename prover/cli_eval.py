@@ -15,14 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1
-EXIT_USAGE = 2
+from prover.cli_common import EXIT_NOT_DONE, EXIT_OK, EnvChoice, StrategyChoice, fail, split_list
 
-
-class StrategyChoice(str, enum.Enum):
-    best_first = "best_first"
-    sampling = "sampling"
 
 
 class EnsembleModeChoice(str, enum.Enum):
@@ -36,25 +30,9 @@ class GeneratorChoice(str, enum.Enum):
     fixed = "fixed"
 
 
-class EnvChoice(str, enum.Enum):
-    replay = "replay"
-    repl = "repl"
-    dojo = "dojo"
-
-
 class BackendChoice(str, enum.Enum):
     transformers = "transformers"
     vllm = "vllm"
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=code)
-
-
-def _split(values: list[str] | None) -> list[str]:
-    """`--models a --models b` and `--models a,b` both give [a, b]."""
-    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
 
 
 def eval_command(
@@ -116,7 +94,7 @@ def eval_command(
     try:
         benches: list[BenchmarkSpec] = [resolve_benchmark(b, split) for b in (benchmark or ["leandojo"])]
         env_kind = env.value if env is not None else ("replay" if all(b.format == "leandojo" for b in benches) else "repl")
-        members = parse_members(_split(models) or None, str(ensemble) if ensemble is not None else None, generator.value if generator else None, backend.value)
+        members = parse_members(split_list(models) or None, str(ensemble) if ensemble is not None else None, generator.value if generator else None, backend.value)
         use_ray = ray
         if use_ray is None:
             use_ray = importlib.util.find_spec("ray") is not None and (workers > 1 or ray_address is not None)
@@ -164,15 +142,15 @@ def eval_command(
         if any(m.kind == "oracle" for m in members) and env_kind != "replay":
             raise EvalConfigError("the oracle generator needs the replay environment (--env replay)")
     except (EvalConfigError, ValueError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
 
     try:
         outcome = run_eval(config, run_dir, resume=resume, progress=progress)
     except (RunDirectoryError, EvalConfigError) as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     typer.echo(f"run directory: {outcome.run_dir} ({outcome.new_theorems} theorem(s) evaluated now, {outcome.skipped} already recorded)")
     gave_up = outcome.report.gave_up
     if gave_up:
         typer.echo(f"{len(gave_up)} theorem(s) recorded as errors after {max_retries} retries of a failing worker", err=True)
     typer.echo(outcome.final_line())
-    raise typer.Exit(code=EXIT_OK if outcome.summary["complete"] else EXIT_INCOMPLETE)
+    raise typer.Exit(code=EXIT_OK if outcome.summary["complete"] else EXIT_NOT_DONE)

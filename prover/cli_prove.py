@@ -15,14 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-EXIT_PROVED = 0
-EXIT_NOT_PROVED = 1
-EXIT_USAGE = 2
+from prover.cli_common import EXIT_NOT_DONE, EXIT_OK, EnvChoice, StrategyChoice, fail, split_list
 
-
-class StrategyChoice(str, enum.Enum):
-    best_first = "best_first"
-    sampling = "sampling"
 
 
 class EnsembleChoice(str, enum.Enum):
@@ -34,25 +28,6 @@ class GeneratorChoice(str, enum.Enum):
     fixed = "fixed"
     oracle = "oracle"
     model = "model"
-
-
-class EnvChoice(str, enum.Enum):
-    replay = "replay"
-    repl = "repl"
-    dojo = "dojo"
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=code)
-
-
-def _split_models(values: list[str] | None) -> tuple[str, ...]:
-    """`--models a --models b` and `--models a,b` both give (a, b)."""
-    out: list[str] = []
-    for value in values or ():
-        out.extend(part.strip() for part in value.split(",") if part.strip())
-    return tuple(out)
 
 
 def prove_command(
@@ -91,7 +66,7 @@ def prove_command(
 
     # -- the theorem
     if statement is not None and (name is not None or benchmark is not None):
-        raise _fail("give either --statement or --benchmark/--name, not both")
+        raise fail("give either --statement or --benchmark/--name, not both")
     try:
         if statement is not None:
             theorem = theorem_from_statement(statement, header=header)
@@ -101,13 +76,13 @@ def prove_command(
             theorem = find_theorem(theorems, name)
             source_is_leandojo = "traced_tactics" in theorem.metadata
         else:
-            raise _fail("give the theorem: --statement TEXT, or --name NAME (with --benchmark FILE, default the bundled LeanDojo sample)")
+            raise fail("give the theorem: --statement TEXT, or --name NAME (with --benchmark FILE, default the bundled LeanDojo sample)")
     except (TheoremNotFoundError, TheoremSourceError, ValueError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, LookupError) and err.args else str(err)
-        raise _fail(message) from err
+        raise fail(message) from err
 
     # -- settings
-    model_list = _split_models(models)
+    model_list = tuple(split_list(models))
     generator_kind = (generator.value if generator is not None else ("model" if model_list or ensemble is not None else "fixed"))
     env_kind = env.value if env is not None else ("replay" if source_is_leandojo else "repl")
     try:
@@ -141,20 +116,20 @@ def prove_command(
             ),
         )
     except ValueError as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
 
     # -- environment and generators
     if settings.env == "repl" and not theorem.statement:
-        raise _fail(
+        raise fail(
             f"theorem {theorem.id!r} has no statement text (LeanDojo benchmarks name theorems by file): "
             "use --env dojo (Lean and LeanDojo) or --env replay"
         )
     try:
         environment = make_environment(settings.env, benchmark=settings.benchmark) if settings.env == "replay" else make_environment(settings.env)
     except EnvironmentUnavailable as err:
-        raise _fail(str(err)) from err
+        raise fail(str(err)) from err
     if isinstance(environment, ReplayEnvironment) and theorem.id not in environment:
-        raise _fail(
+        raise fail(
             f"theorem {theorem.id!r} cannot be opened by the replay environment (it has no traced tactics "
             "in the benchmark); use --env repl or --env dojo with Lean installed"
         )
@@ -168,7 +143,7 @@ def prove_command(
         from prover.generators.loading import GeneratorLoadError
 
         if isinstance(err, (GeneratorLoadError, ValueError)):
-            raise _fail(str(err)) from err
+            raise fail(str(err)) from err
         raise
 
     # -- search
@@ -180,7 +155,7 @@ def prove_command(
         typer.echo(json.dumps(record, ensure_ascii=False))
     else:
         _print_result(record)
-    raise typer.Exit(code=EXIT_PROVED if result.proved else EXIT_NOT_PROVED)
+    raise typer.Exit(code=EXIT_OK if result.proved else EXIT_NOT_DONE)
 
 
 def _print_result(record: dict[str, Any]) -> None:

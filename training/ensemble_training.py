@@ -36,8 +36,12 @@ def train_ensemble(
     manifest_path: Path,
     *,
     on_start: Callable[[TrainConfig], None] | None = None,
+    on_step: Callable[[TrainConfig, dict[str, Any]], None] | None = None,
 ) -> list[EnsembleMember]:
-    """Train `runs` in order and write `manifest_path` after each (main process only)."""
+    """Train `runs` in order and write `manifest_path` after each (main process only).
+
+    `on_start(run)` is called before each run; `on_step(run, record)` with each optimizer
+    step's metrics record (the trainer's step callback)."""
     from training.trainer import distributed_state, train
 
     main_process = distributed_state().is_main_process
@@ -45,7 +49,8 @@ def train_ensemble(
     for run in runs:
         if on_start is not None and main_process:
             on_start(run)
-        result = train(run)
+        step_hook = None if on_step is None else (lambda record, run=run: on_step(run, record))
+        result = train(run, on_step=step_hook)
         members.append(
             EnsembleMember(
                 name=member_name(run.n_eff),
