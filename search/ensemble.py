@@ -230,19 +230,7 @@ def combine_union(
         else:
             combined.status = Status.FAILED
     for name, r in members.items():
-        combined.passes += r.passes
-        combined.expansions += r.expansions
-        combined.lean_calls += r.lean_calls
-        combined.cache_hits += r.cache_hits
-        combined.cache_misses += r.cache_misses
-        combined.generator_calls += r.generator_calls
-        combined.generator_time_s += r.generator_time_s
-        combined.lean_time_s += r.lean_time_s
-        combined.max_depth_reached = max(combined.max_depth_reached, r.max_depth_reached)
-        for kind, count in r.error_counts.items():
-            combined.error_counts[kind] = combined.error_counts.get(kind, 0) + count
-        for reason, count in r.dropped_candidates.items():
-            combined.dropped_candidates[reason] = combined.dropped_candidates.get(reason, 0) + count
+        combined.add_counts(r, wall_time=False)  # members are interleaved: wall time is set below
         for message in r.errors:
             if len(combined.errors) < MAX_ERROR_MESSAGES:
                 combined.errors.append(f"[{name}] {message}")

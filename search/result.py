@@ -52,6 +52,27 @@ class SearchResult:
     def proved(self) -> bool:
         return self.status is Status.PROVED
 
+    def add_counts(self, other: "SearchResult", *, wall_time: bool = True) -> None:
+        """Add `other`'s work counters into this record (an ensemble's total over members):
+        passes, expansions, Lean and generator calls and times, cache counts, error and
+        dropped-candidate counts; `max_depth_reached` is the maximum. Wall time is added
+        only with `wall_time` (members run one after another); messages are not copied."""
+        self.passes += other.passes
+        self.expansions += other.expansions
+        self.lean_calls += other.lean_calls
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.generator_calls += other.generator_calls
+        self.generator_time_s += other.generator_time_s
+        self.lean_time_s += other.lean_time_s
+        if wall_time:
+            self.wall_time_s += other.wall_time_s
+        self.max_depth_reached = max(self.max_depth_reached, other.max_depth_reached)
+        for kind, count in other.error_counts.items():
+            self.error_counts[kind] = self.error_counts.get(kind, 0) + count
+        for reason, count in other.dropped_candidates.items():
+            self.dropped_candidates[reason] = self.dropped_candidates.get(reason, 0) + count
+
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record["status"] = self.status.value

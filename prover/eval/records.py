@@ -114,21 +114,8 @@ def combine_independent(theorem_id: str, strategy: str, members: Mapping[str, Se
         combined.member = name
         combined.proof_members = [name] * len(combined.proof)
     for name, r in results:
-        combined.passes += r.passes
-        combined.expansions += r.expansions
-        combined.lean_calls += r.lean_calls
-        combined.cache_hits += r.cache_hits
-        combined.cache_misses += r.cache_misses
-        combined.generator_calls += r.generator_calls
-        combined.generator_time_s += r.generator_time_s
-        combined.lean_time_s += r.lean_time_s
-        combined.wall_time_s += r.wall_time_s
-        combined.max_depth_reached = max(combined.max_depth_reached, r.max_depth_reached)
+        combined.add_counts(r)
         combined.errors.extend(f"{name}: {e}" for e in r.errors)
-        for kind, count in r.error_counts.items():
-            combined.error_counts[kind] = combined.error_counts.get(kind, 0) + count
-        for kind, count in r.dropped_candidates.items():
-            combined.dropped_candidates[kind] = combined.dropped_candidates.get(kind, 0) + count
     return combined
 
 
