@@ -38,3 +38,7 @@ app.command("setup-lean", help="Install elan, the pinned Lean toolchain, the Mat
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # `python -m prover.cli`, e.g. under `accelerate launch -m prover.cli train ...`
+    main()

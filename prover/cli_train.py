@@ -28,8 +28,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     Evaluated only when an exception is being matched, so `import prover.cli` does not
     pay for torch and transformers (`training.modeling`)."""
     from training.modeling import ModelLoadError
+    from training.trainer import TrainingOutOfMemory
 
-    return (ConfigError, ManifestError, ModelLoadError, DataFormatError, FileNotFoundError)
+    return (ConfigError, ManifestError, ModelLoadError, DataFormatError, FileNotFoundError, TrainingOutOfMemory)
 
 err_console = Console(stderr=True)
 

@@ -256,3 +256,34 @@ def test_manifest_members_become_named_generators(tiny, tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"version": 1, "members": []}')
     with pytest.raises(GeneratorLoadError, match="bad.json"):
         load_generators(None, tmp_path / "bad.json")
+
+
+def test_out_of_memory_splits_the_batch_then_names_the_cause(monkeypatch) -> None:
+    """A GPU OOM on a batch retries its halves; one state that still does not fit raises a
+    clear GeneratorOutOfMemory instead of a bare CUDA error."""
+    import torch
+
+    from prover.generators.transformers_gen import GeneratorOutOfMemory, TransformersGenerator
+
+    generator = TransformersGenerator("tiny-qwen2", device="cpu", max_new_tokens=4)
+    real = generator._generate_batch
+    sizes: list[int] = []
+
+    def fits_two(states, k):
+        sizes.append(len(states))
+        if len(states) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(states, k)
+
+    monkeypatch.setattr(generator, "_generate_batch", fits_two)
+    states = ["a : Nat\n⊢ a = a", "⊢ True", "p : Prop\n⊢ p → p", "⊢ 1 + 1 = 2"]
+    rows = generator.generate(states, 2)
+    assert len(rows) == 4 and all(len(r) == 2 for r in rows)
+    assert sizes == [4, 2, 2] and generator.stats.oom_splits == 1
+
+    def never_fits(states, k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(generator, "_generate_batch", never_fits)
+    with pytest.raises(GeneratorOutOfMemory, match="one state of"):
+        generator.generate(states[:2], 2)

@@ -268,3 +268,28 @@ def test_cli_train_rejects_bad_input_with_a_message(tmp_path, args, message):
                                       "--max-steps", "1", *args])
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_gpu_out_of_memory_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
+    """An OOM in step 3 stops the run with what to change and the step it resumes from;
+    re-running (memory now sufficing) resumes from the step-2 checkpoint and finishes."""
+    from training import trainer
+
+    config = tiny_config(tmp_path, max_steps=4, save_every_steps=2)
+    real_step = trainer._optimizer_step
+
+    def oom_at_3(*args, **kwargs):
+        if args[-1] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", oom_at_3)
+    with pytest.raises(trainer.TrainingOutOfMemory, match=r"step 3 .*micro-batch-size.*resumes from step 2"):
+        trainer.train(config)
+    events = [json.loads(l) for l in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == {"step": 3, "event": "out_of_memory", "resume_from_step": 2}
+
+    monkeypatch.setattr(trainer, "_optimizer_step", real_step)
+    steps_seen: list[int] = []
+    result = trainer.train(config, on_step=lambda record: steps_seen.append(record["step"]))
+    assert steps_seen == [3, 4] and result.steps == 4

@@ -69,6 +69,11 @@ TRAINING_INFO = "dco_training.json"  # inside final/: what produced the checkpoi
 StepCallback = Callable[[dict[str, Any]], None]
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """The GPU ran out of memory in an optimizer step. The message says how to fit the run
+    and from which step a re-run of the same command resumes; nothing else is lost."""
+
+
 @dataclass
 class TrainResult:
     """A finished run. Paths are absolute; `final_metrics` holds the last step's record,
@@ -410,6 +415,17 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
                 if accelerator.is_main_process:
                     run.append_metrics({"step": step, "event": "stopped", "reason": stopped_early})
                 break
+            except torch.cuda.OutOfMemoryError as exc:
+                latest = run.latest_checkpoint()
+                resume_from = latest[0] if latest else 0
+                if accelerator.is_main_process:
+                    run.append_metrics({"step": step, "event": "out_of_memory", "resume_from_step": resume_from})
+                raise TrainingOutOfMemory(
+                    f"GPU out of memory in step {step} of {run.root} (micro-batch {config.micro_batch_size} x up to "
+                    f"{config.max_length} tokens): lower --micro-batch-size (gradient accumulation keeps the batch "
+                    f"size), enable --gradient-checkpointing, lower max_length, or use a DeepSpeed ZeRO config. "
+                    f"Re-running the same command resumes from step {resume_from}."
+                ) from exc
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < plan.total_steps:
                 record.update(evaluate(accelerator, eval_split, config, eval_logprobs))
             if accelerator.is_main_process and (step % config.log_every_steps == 0 or step == plan.total_steps):

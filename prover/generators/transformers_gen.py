@@ -46,6 +46,11 @@ class GenerationStats:
     states: int = 0
     sequences: int = 0
     truncated: int = 0
+    oom_splits: int = 0  # batches split in half after a GPU out-of-memory
+
+
+class GeneratorOutOfMemory(RuntimeError):
+    """Even one state's generation does not fit in GPU memory; the message says what to lower."""
 
 
 class TransformersGenerator:
@@ -144,8 +149,28 @@ class TransformersGenerator:
             self.stats.calls += 1
             self.stats.states += len(states)
             for start in range(0, len(states), self.max_batch_states):
-                out.extend(self._generate_batch(list(states[start : start + self.max_batch_states]), k))
+                out.extend(self._generate_halving(list(states[start : start + self.max_batch_states]), k))
         return out
+
+    def _generate_halving(self, states: list[str], k: int) -> list[list[GeneratedTactic]]:
+        """`_generate_batch`, splitting the batch in halves on GPU out-of-memory.
+
+        A single state that still does not fit raises `GeneratorOutOfMemory` (the search
+        records it as a generator error of that step; nothing else is lost)."""
+        try:
+            return self._generate_batch(states, k)
+        except torch.cuda.OutOfMemoryError as err:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(states) == 1:
+                raise GeneratorOutOfMemory(
+                    f"{self.name}: GPU out of memory generating {k} samples for one state of "
+                    f"{len(self.prompt_ids(states[0]))} prompt tokens; lower k, max_new_tokens or "
+                    f"max_prompt_tokens, or use a bigger GPU"
+                ) from err
+            self.stats.oom_splits += 1
+            half = len(states) // 2
+            return self._generate_halving(states[:half], k) + self._generate_halving(states[half:], k)
 
     def prompt_ids(self, state: str) -> list[int]:
         """The prompt tokens of `state` (no padding), as the model sees them."""
