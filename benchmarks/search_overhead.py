@@ -89,16 +89,23 @@ class FixedGenerator:
         return [candidates for _ in states]
 
 
-def _measure(strategy: str, budget: Budget, repeats: int, **kwargs) -> dict:
+def _measure(strategy: str, budget: Budget, repeats: int, *, collector: bool = True, **kwargs) -> dict:
     """Best of `repeats` runs by CPU time (the machine may be shared: CPU time of this one
-    pinned process is the cost on one core; wall time is reported alongside)."""
+    pinned process is the cost on one core; wall time is reported alongside).
+    `collector=False` runs the search with Python's cyclic garbage collector paused, which
+    separates the search's own data-structure cost from the collector's scans of the heap."""
     best: dict | None = None
     for _ in range(repeats):
         env = SyntheticEnv()
         gc.collect()
-        cpu_start, wall_start = time.process_time(), time.perf_counter()
-        result = search(Theorem("synthetic"), env, FixedGenerator(), strategy=strategy, budget=budget, **kwargs)
-        cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+        if not collector:
+            gc.disable()
+        try:
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            result = search(Theorem("synthetic"), env, FixedGenerator(), strategy=strategy, budget=budget, **kwargs)
+            cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+        finally:
+            gc.enable()
         assert result.status is Status.BUDGET_EXHAUSTED, result.status
         apps = result.lean_calls
         # Share of the wall time inside env.apply and generator.propose (noisy on a busy machine).
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Expansions per target node count: ~4 new states per expansion in this graph.
     targets = [10**3, 10**4] if args.quick else [10**3, 10**4, 10**5]
     repeats = 1 if args.quick else 3
-    best_first = []
+    best_first, best_first_no_gc = [], []
     for target in targets:
         budget = Budget(
             max_depth=10**6,
@@ -145,9 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
             tactics_per_expansion=K,
             tactic_timeout_s=10.0,
         )
-        row = _measure("best_first", budget, repeats)
-        row["target_nodes"] = target
-        best_first.append(row)
+        for rows, collector in ((best_first, True), (best_first_no_gc, False)):
+            row = _measure("best_first", budget, repeats, collector=collector)
+            row["target_nodes"] = target
+            rows.append(row)
 
     passes = 1_000 if args.quick else 5_000
     sampling = _measure(
@@ -173,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
         "tactics_per_expansion": K,
         "best_first": best_first,
         "best_first_flatness_ratio": round(best_first[-1]["us_per_app"] / best_first[0]["us_per_app"], 3),
+        "best_first_gc_paused": best_first_no_gc,
+        "best_first_flatness_ratio_gc_paused": round(
+            best_first_no_gc[-1]["us_per_app"] / best_first_no_gc[0]["us_per_app"], 3
+        ),
         "sampling_k1": sampling,
         "sampling_parallel32_k4": sampling_batched,
         "goal_apps_per_s": GOAL_APPS_PER_S,
