@@ -498,6 +498,18 @@ def _make_checked(s: _Split) -> CheckedStatement:
     )
 
 
+def _check_text(text: object, what: str, max_chars: int) -> str:
+    """The checks every untrusted text passes first: a non-empty string within `max_chars`
+    characters, with no disallowed characters (`_check_characters`)."""
+    if not isinstance(text, str):
+        raise UntrustedInputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise UntrustedInputError(f"{what} is empty")
+    if len(text) > max_chars:
+        raise UntrustedInputError(f"{what} has {len(text)} characters; the limit is {max_chars}")
+    return _check_characters(text, what)
+
+
 def check_statement(
     text: str,
     *,
@@ -511,13 +523,7 @@ def check_statement(
     `UntrustedInputError` naming the first problem found.
     """
     what = "statement"
-    if not isinstance(text, str):
-        raise UntrustedInputError(f"{what} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise UntrustedInputError(f"{what} is empty")
-    if len(text) > max_chars:
-        raise UntrustedInputError(f"{what} has {len(text)} characters; the limit is {max_chars}")
-    text = _check_characters(text, what)
+    text = _check_text(text, what, max_chars)
     s = _split(text, what)
     code, tokens = s.code, s.tokens
     _scan_forbidden(code, tokens, what)
@@ -700,13 +706,7 @@ def _check_tactic(
     re-checked as one declaration. `open ... in` and allow-listed `set_option ... in` stay.
     """
     what = "tactic"
-    if not isinstance(text, str):
-        raise UntrustedInputError(f"{what} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise UntrustedInputError(f"{what} is empty")
-    if len(text) > max_chars:
-        raise UntrustedInputError(f"{what} has {len(text)} characters; the limit is {max_chars}")
-    text = _check_characters(text, what)
+    text = _check_text(text, what, max_chars)
     code = _blank_comments(text, what)
     tokens = _tokenize(code)
     _scan_forbidden(code, tokens, what, allow=frozenset({"admit"}))
