@@ -3,7 +3,7 @@
 A normalised request is what a worker runs and what the idempotency fingerprint covers:
     {"theorem": {"id", "statement", "header"}, "budget": {...every field...},
      "strategy": ..., "ensemble": ..., "members": [...] | None}
-Statements, headers and the tactics of `/v1/check` go through `prover.untrusted` (the Lean
+Statements, headers and the tactics of `/v1/check` go through `prover.lean.untrusted` (the Lean
 backend's untrusted-input rules) before anything else looks at them, whatever the backend.
 """
 
@@ -63,7 +63,7 @@ def resolve_theorem(
 
 @dataclass(frozen=True)
 class CheckedInput:
-    """A statement and header that passed `prover.untrusted` (comments blanked: what Lean gets)."""
+    """A statement and header that passed `prover.lean.untrusted` (comments blanked: what Lean gets)."""
 
     statement: str
     header: str
@@ -72,7 +72,7 @@ class CheckedInput:
 
 def check_untrusted(statement: str, header: str, max_statement_chars: int, max_header_chars: int) -> CheckedInput:
     """Apply the Lean backend's untrusted-input rules; 422 naming what was found."""
-    from prover.untrusted import UntrustedInputError, check_header, check_statement
+    from prover.lean.untrusted import UntrustedInputError, check_header, check_statement
 
     try:
         checked = check_statement(statement, max_chars=max_statement_chars)
@@ -87,7 +87,7 @@ def check_untrusted(statement: str, header: str, max_statement_chars: int, max_h
 
 def check_tactics(tactics: list[str], max_chars: int) -> list[str]:
     """Screen each tactic of a proof to verify; the texts Lean gets (comments blanked)."""
-    from prover.untrusted import UntrustedInputError, check_tactic
+    from prover.lean.untrusted import UntrustedInputError, check_tactic
 
     out = []
     for index, tactic in enumerate(tactics):

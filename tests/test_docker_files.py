@@ -91,7 +91,7 @@ def test_compose_has_ray_head_workers_and_service():
 
 
 def test_compose_commands_match_the_cli():
-    from prover.cli_serve import serve_command
+    from prover.cli.serve import serve_command
 
     params = inspect.signature(serve_command).parameters
     assert {"host", "port", "data_dir"} <= set(params)

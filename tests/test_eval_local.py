@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from prover.cli_eval import eval_command
+from prover.cli.evaluate import eval_command
 from prover.eval.config import Distribution, EnvSpec, EvalConfig, MemberSpec, resolve_benchmark
 from prover.eval.local_backend import LocalBackend
 from prover.eval.records import ENSEMBLE

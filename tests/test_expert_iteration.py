@@ -202,7 +202,7 @@ def test_cli_reports_bad_input(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from prover.cli_expert import expert_iteration_command
+    from prover.cli.expert import expert_iteration_command
 
     app = typer.Typer()
     app.command()(expert_iteration_command)

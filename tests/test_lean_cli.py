@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from prover.cli_lean import probe_urls, setup_lean_command
+from prover.cli.lean import probe_urls, setup_lean_command
 from prover.lean.paths import LEAN_TOOLCHAIN, MATHLIB_OLEAN_REL, REPL_BINARY_REL, REPL_REV, MATHLIB_REV, toolchain_dir_name
 from prover.lean.readiness import lean_readiness
 

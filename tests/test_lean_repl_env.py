@@ -11,7 +11,7 @@ import pytest
 import fake_repl
 from prover.lean.process import ReplConfig
 from prover.lean.repl_env import ReplEnvironment, ReplHandle, proof_command
-from prover.untrusted import check_statement
+from prover.lean.untrusted import check_statement
 from search.types import (
     EnvironmentStartError,
     Failed,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prover.untrusted import (
+from prover.lean.untrusted import (
     UntrustedInputError,
     check_header,
     check_statement,

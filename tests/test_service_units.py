@@ -281,7 +281,7 @@ def test_serve_add_key_writes_a_hashed_key(tmp_path, capfd):
     import typer
     from typer.testing import CliRunner
 
-    from prover.cli_serve import serve_command
+    from prover.cli.serve import serve_command
 
     app = typer.Typer()
     app.command()(serve_command)
@@ -299,6 +299,6 @@ def test_prover_never_imports_service():
     import subprocess
     import sys
 
-    code = "import sys, prover.cli_serve; print(sorted(m for m in sys.modules if m.split('.')[0] == 'service'))"
+    code = "import sys, prover.cli.serve; print(sorted(m for m in sys.modules if m.split('.')[0] == 'service'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

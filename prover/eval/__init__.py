@@ -7,5 +7,5 @@
 - `batching`: a generator proxy that merges concurrent `propose` calls into one.
 - `worker`: proves one theorem (every member, then the ensemble record).
 - `local_backend`, `ray_backend`: run workers in threads or as Ray actors, with retries.
-- `runner`: ties it together (`run_eval`); `prover/cli_eval.py` is the command line.
+- `runner`: ties it together (`run_eval`); `prover/cli/evaluate.py` is the command line.
 """

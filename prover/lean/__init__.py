@@ -4,5 +4,5 @@
 Modules: `protocol` (wire format, typed responses), `process` (one REPL process), `pool`
 (processes keyed by imports), `repl_env` (the ProofEnvironment, verification), `dojo_env`
 (LeanDojo, optional), `readiness` (checks for `doctor`), `paths` (project, pins).
-Untrusted-input screening lives in `prover.untrusted`.
+Untrusted-input screening lives in `prover.lean.untrusted`.
 """

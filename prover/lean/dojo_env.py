@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from prover.untrusted import UntrustedInputError, check_tactic
+from prover.lean.untrusted import UntrustedInputError, check_tactic
 from search.types import (
     EnvironmentStartError,
     Failed,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from prover.lean.process import ReplConfig, ReplProcess
-from prover.untrusted import parse_header
+from prover.lean.untrusted import parse_header
 
 __all__ = ["HeaderKey", "header_key", "PoolBusy", "PoolClosed", "SlotGone", "ReplPool", "Lease"]
 

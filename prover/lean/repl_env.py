@@ -38,7 +38,7 @@ from prover.lean.protocol import (
     ErrorResponse,
     TacticResponse,
 )
-from prover.untrusted import (
+from prover.lean.untrusted import (
     DEFAULT_ALLOWED_IMPORT_ROOTS,
     CheckedHeader,
     CheckedStatement,

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prover.cli_common import EXIT_NOT_DONE, EXIT_OK, EnvChoice, StrategyChoice, fail, split_list
+from prover.cli.common import EXIT_NOT_DONE, EXIT_OK, EnvChoice, StrategyChoice, fail, split_list
 
 
 
