@@ -131,6 +131,24 @@ class TacticGenerator(Protocol):
 
     name: str
 
-    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
-        """For each pretty-printed state, up to `k` candidates (any order, may repeat)."""
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        """For each pretty-printed state, up to `k` candidates (any order, may repeat).
+
+        `timeout_s`: seconds left in the search's wall-clock budget (None: no limit). The call
+        returns or raises `GeneratorError` within it; an answer that arrives later is dropped.
+        """
         ...
+
+
+class GeneratorError(RuntimeError):
+    """A generator could not answer: model endpoint down or stalled, connection reset, HTTP
+    503, out of memory, a dead actor, after the generator's own retries within the budget.
+
+    An infrastructure failure, not a search outcome: the search ends with status ERROR and
+    this message as the cause, never FAILED. `transient` says whether a later retry of the
+    same theorem may succeed (evaluation's `--resume` retries errors either way).
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
