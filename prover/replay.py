@@ -127,7 +127,8 @@ class ReplayEnvironment:
             return
         self.theorem_ids.append(name)
         traced = list(theorem.traced_tactics)
-        verdict = analyse_theorem(name, traced)
+        start, end = getattr(theorem, "start", None), getattr(theorem, "end", None)
+        verdict = analyse_theorem(name, traced, (tuple(start), tuple(end)) if start is not None and end is not None else None)
         self._verdicts[name] = verdict
         if not traced:
             self.without_tactics.append(name)

@@ -27,9 +27,15 @@ The rule (`analyse_theorem`) — a theorem is replayable iff all of:
    none of these; a side goal made by `refine`, `constructor`, `cases` carries a tag, and
    a `by` block inside the statement is elaborated with the statement's universe
    metavariables still open;
-3. the theorem's *own* traced tactics close the root under the goal-stack model below
+3. the declaration ENDS with a traced tactic: its last line (LeanDojo's `end` position)
+   is the last line of a traced tactic standing on a line of its own, at an even
+   indentation >= 2 (Mathlib's layout of a `:= by` proof). A term-mode proof ends with
+   its term (`⟨fun h => …, by …⟩` ends with `⟩`) and a statement whose `by` block was
+   traced ends with the untraced rest of the declaration; a one-line declaration cannot
+   be checked and is refused;
+4. the theorem's *own* traced tactics close the root under the goal-stack model below
    (searched breadth-first; the shortest such proof is the recorded proof);
-4. every traced tactic of the theorem is accounted for: it applies at a goal list
+5. every traced tactic of the theorem is accounted for: it applies at a goal list
    reached from the root, or acts on goals that occur in such lists (it is part of, or an
    alternative within, the proof), or its
    text sits inside another traced tactic's text after a nested-block opener (`by`,
@@ -37,19 +43,24 @@ The rule (`analyse_theorem`) — a theorem is replayable iff all of:
    proof.
 
 Why this cannot report a side goal as the theorem: a `by` block in the statement comes
-first in the trace, so it becomes the root — and then the real proof's tactics start from
-the statement's goal, which no walk from the side goal reaches and which no traced tactic
-contains, so rule 4 refuses it (`MeasureTheory.OuterMeasure.comap_ofFunction` in the
-bundled sample). A term-mode proof with several `by` blocks is refused the same way, a
-root that is itself a side goal (tagged, several goals, metavariables) by rule 2, and a
-trace that skips steps (a dropped tactic) by rule 3.
+first in the trace, so it becomes the root. If the real proof is traced too, its tactics
+start from the statement's goal, which no walk from the side goal reaches and which no
+traced tactic contains: rule 5 refuses it (and rule 2 already does when the block was
+elaborated with open universe metavariables: `MeasureTheory.OuterMeasure.comap_ofFunction`
+in the bundled sample). If the real proof is not traced, or the proof is a term with a
+`by` block inside, the declaration does not end with a traced tactic on its own line:
+rule 3 refuses it (`Finset.noncommProd_singleton`, whose traced tactics are the
+statement's `(by norm_cast; exact …)`, and `antisymm_iff`, proved by
+`⟨fun h => …, by rintro rfl; exact …⟩`, in the bundled sample — both were "proved" by the
+replay before). A root that is itself a side goal (tagged, several goals, metavariables)
+is refused by rule 2, a trace that skips steps (a dropped tactic) by rule 4.
 
 What data alone cannot show, and is therefore a documented limit rather than a check: a
-term-mode proof made of exactly ONE `by` block at its head (`:= fun x => by simp`), and a
-tactic proof whose FIRST tactic was dropped for containing `·`, look exactly like a tactic
-proof of a statement whose goal is that root. Only the statement text (newer LeanDojo
-versions record `theorem_statement`) or Lean itself can tell them apart; every theorem of
-the bundled sample that this rule accepts was checked against its Mathlib source.
+term-mode proof whose LAST part is a `by` block laid out like a tactic proof
+(`:= fun x => by` + tactics on their own lines), and a tactic proof whose FIRST tactic was
+dropped for containing `·`, look exactly like a tactic proof of a statement whose goal is
+that root. Only the statement text (newer LeanDojo versions record `theorem_statement`;
+LeanDojo's `corpus.jsonl` has each declaration's code) or Lean itself can tell them apart.
 
 Goal-stack model (`step`): a state is the goal list, goals separated by a blank line,
 each goal with exactly one `⊢` line. A recorded `(state_before, tactic) → state_after`
@@ -78,11 +89,13 @@ NO_TRACED_TACTICS = "no_traced_tactics"
 ROOT_NOT_STATEMENT = "root_not_statement"
 TRACE_INCOMPLETE = "trace_incomplete"
 FOREIGN_TACTICS = "foreign_tactics"
-REASONS = (NO_TRACED_TACTICS, ROOT_NOT_STATEMENT, TRACE_INCOMPLETE, FOREIGN_TACTICS)
+PROOF_NOT_AT_END = "proof_not_at_end"
+REASONS = (NO_TRACED_TACTICS, ROOT_NOT_STATEMENT, PROOF_NOT_AT_END, TRACE_INCOMPLETE, FOREIGN_TACTICS)
 REASON_TEXT = {
     NO_TRACED_TACTICS: "no traced tactics (a term-mode or untraced proof)",
     ROOT_NOT_STATEMENT: "the first traced goal is not a theorem's initial goal (several goals, a case tag or metavariables: a side goal)",
     TRACE_INCOMPLETE: "the traced tactics do not close the first traced goal (steps missing from the trace, e.g. tactics containing '·' that LeanDojo drops)",
+    PROOF_NOT_AT_END: "the declaration does not end with a traced tactic on a line of its own (a term-mode proof, e.g. `⟨fun h => …, by …⟩`, or an untraced proof after a `by` block of the statement)",
     FOREIGN_TACTICS: "traced tactics outside the proof of the first traced goal (a `by` block in the statement or a term-mode proof: the first goal is a side goal)",
 }
 
@@ -190,9 +203,13 @@ def _refuse(theorem_id: str, category: str, detail: str, root: str | None = None
     return Replayability(theorem_id, False, root=root, category=category, detail=detail)
 
 
-def analyse_theorem(theorem_id: str, traced: Sequence[Any]) -> Replayability:
+def analyse_theorem(
+    theorem_id: str, traced: Sequence[Any], span: tuple[tuple[int, int], tuple[int, int]] | None = None
+) -> Replayability:
     """Apply the module docstring's rule to one theorem's traced tactics (objects with
-    `tactic`, `state_before`, `state_after`, in file order)."""
+    `tactic`, `state_before`, `state_after`, in file order). `span` is the declaration's
+    LeanDojo `(start, end)` `(line, column)` positions; without it the end check (rule 3)
+    cannot be made and the theorem is refused."""
     if not traced:
         return _refuse(theorem_id, NO_TRACED_TACTICS, REASON_TEXT[NO_TRACED_TACTICS])
     root = traced[0].state_before
@@ -211,6 +228,10 @@ def analyse_theorem(theorem_id: str, traced: Sequence[Any]) -> Replayability:
             f"the first traced goal has a metavariable ({_METAVARIABLE_NAME.match(root, found.start()).group(0)!r}), "
             "as a `by` block elaborated inside the statement has: not trusted as the statement's goal",
         )
+
+    ending = _proof_ends_declaration(traced, span)
+    if ending:
+        return _refuse(theorem_id, PROOF_NOT_AT_END, ending, root)
 
     edges: dict[tuple[str, str], str] = {}
     spelling: dict[str, str] = {}
@@ -233,6 +254,29 @@ def analyse_theorem(theorem_id: str, traced: Sequence[Any]) -> Replayability:
             root,
         )
     return Replayability(theorem_id, True, root=root, tactics=tuple(spelling[k] for k in path))
+
+
+def _proof_ends_declaration(traced: Sequence[Any], span: tuple[tuple[int, int], tuple[int, int]] | None) -> str:
+    """Rule 3: "" when the declaration's last line is the last line of a traced tactic
+    standing on a line of its own (what precedes it is an indentation: an even number >= 2
+    of columns), else why not. LeanDojo columns are 1-based and `end` points just past the
+    last character; continuation lines of a traced tactic keep only their indentation
+    relative to the tactic's first column."""
+    if span is None:
+        return "the declaration's position is unknown, so where its proof ends cannot be checked"
+    (start_line, _), (end_line, end_column) = span
+    if end_line <= start_line:
+        return "the declaration is one line: a tactic proof cannot be told from a term-mode proof with a `by` block"
+    last_line_length = end_column - 1
+    for t in traced:
+        lines = t.tactic.rstrip().split("\n")
+        indent = last_line_length - len(lines[-1])
+        if len(lines) <= end_line - start_line and indent >= 2 and indent % 2 == 0:
+            return ""
+    return (
+        f"its last line ({last_line_length} characters, line {end_line}) is not a traced tactic at an indentation: "
+        "the declaration ends with something else (a term-mode proof, or an untraced proof after a `by` block of the statement)"
+    )
 
 
 def _shortest_proof(edges: Edges, keys: Sequence[str], root: str) -> tuple[list[str] | None, set[str]]:

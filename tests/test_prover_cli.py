@@ -34,10 +34,10 @@ def _prove(*args: str):
 
 
 def test_prove_with_oracle_prints_the_proof() -> None:
-    result = _prove("--name", "antisymm_iff", "--generator", "oracle")
+    result = _prove("--name", "Convex.thickening", "--generator", "oracle")
     assert result.exit_code == 0, result.output
-    assert "antisymm_iff" in result.output and "proved" in result.output
-    assert "rintro rfl" in result.output and "exact ⟨refl _, refl _⟩" in result.output
+    assert "Convex.thickening" in result.output and "proved" in result.output
+    assert "rw [← add_ball_zero]" in result.output and "exact hs.add (convex_ball 0 _)" in result.output
 
 
 def test_prove_json_record_parses() -> None:

@@ -21,9 +21,9 @@ from training.data import SAMPLE_PATH, split_theorem_ids
 from training.ensemble import MANIFEST_NAME, EnsembleMember, member_name, write_manifest
 from training.trainer import train
 
-# Short connected proofs (1-2 steps) with short tactics; one of them is held out by the
+# Short replayable proofs (1-2 steps) with short tactics; one of them is held out by the
 # trainer's eval split, the others are the training (and proving) set.
-CHOSEN = ["List.get_attach", "Finmap.erase_toFinmap", "Booleanisation.lift_le_lift", "antisymm_iff", "Order.pred_eq_iff_covBy"]
+CHOSEN = ["List.get_attach", "Finmap.erase_toFinmap", "Polynomial.nextCoeff_ne_zero", "FreeAlgebra.toTensor_ι", "Order.pred_eq_iff_covBy"]
 EVAL_FRACTION = 0.1
 SEED = 0
 

@@ -17,6 +17,7 @@ from prover.replay import NO_GOALS, NotReplayableError, ReplayEnvironment
 from prover.replayability import (
     FOREIGN_TACTICS,
     NO_TRACED_TACTICS,
+    PROOF_NOT_AT_END,
     ROOT_NOT_STATEMENT,
     TRACE_INCOMPLETE,
     acts_on_main_goal_only,
@@ -39,15 +40,25 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # The sample's verdicts, computed by `analyse_theorem` and stated in the README's Data section.
 SAMPLE_COUNTS = {
     "theorems": 108,
-    "replayable": 51,
-    "not_replayable": 57,
-    "reasons": {NO_TRACED_TACTICS: 53, ROOT_NOT_STATEMENT: 2, TRACE_INCOMPLETE: 2},
+    "replayable": 47,
+    "not_replayable": 61,
+    "reasons": {NO_TRACED_TACTICS: 53, ROOT_NOT_STATEMENT: 2, PROOF_NOT_AT_END: 4, TRACE_INCOMPLETE: 2},
+}
+# Checked against their Mathlib source: a term-mode proof, a term-mode one-liner, and a
+# statement whose traced `by` block is the only traced part. All three were "proved" before.
+TERM_MODE = {
+    "antisymm_iff": "⟨fun h => antisymm h.1 h.2, by rintro rfl; exact ⟨refl _, refl _⟩⟩",
+    "Booleanisation.lift_le_lift": "⟨by rintro ⟨_⟩; assumption, LE.lift⟩",
+    "Finset.noncommProd_singleton": "noncommProd {a} f (by norm_cast; exact …) = f a := by simp […]",
 }
 
 
 def _theorem(name: str, steps: list[tuple[str, str, str]]) -> BenchmarkTheorem:
+    """A declaration laid out as `theorem … := by` then one tactic per line, indented by 2:
+    it ends (LeanDojo's `end`, 1-based, just past the last character) after its last tactic."""
+    end = (1 + sum(len(t.split("\n")) for _, t, _ in steps), 3 + len(steps[-1][1].split("\n")[-1])) if steps else (2, 1)
     return BenchmarkTheorem(
-        full_name=name, file_path="F.lean", url="u", commit="c", start=(1, 1), end=(2, 1),
+        full_name=name, file_path="F.lean", url="u", commit="c", start=(1, 1), end=end,
         traced_tactics=[TracedTactic(t, t, before, after) for before, t, after in steps],
     )
 
@@ -103,12 +114,34 @@ def test_prove_cli_prints_the_reason_and_exits_1(replay: ReplayEnvironment) -> N
     assert no_tactics.exit_code == 1 and "no_traced_tactics" in no_tactics.output
 
 
+@pytest.mark.parametrize("name", sorted(TERM_MODE))
+def test_term_mode_proofs_are_not_proved(replay: ReplayEnvironment, name: str) -> None:
+    """Their traced tactics prove a side goal (one direction of an `↔`, a statement's
+    argument) and replay from it closed: the replay used to report the theorem proved."""
+    verdict = replay.replayability(name)
+    assert not verdict.replayable and verdict.category == PROOF_NOT_AT_END
+    result = _prove(replay, name)
+    assert not result.proved and result.status is Status.ERROR and "proof_not_at_end" in result.errors[0]
+    assert not replay.verify(Theorem(name), list(replay.traced_tactics_of(name))).ok
+
+
+def test_the_end_check_needs_a_traced_tactic_on_the_last_line() -> None:
+    root, steps = _goal("", "P"), [(_goal("", "P"), "exact ⟨a, b⟩", NO_GOALS)]
+    laid_out = _theorem("t", steps)
+    assert analyse_theorem("t", laid_out.traced_tactics, (laid_out.start, laid_out.end)).replayable
+    closing_bracket = (laid_out.start, (laid_out.end[0], laid_out.end[1] + 1))  # `…, by\n  exact ⟨a, b⟩⟩`
+    one_line = ((1, 1), (1, 40))
+    for span in (closing_bracket, one_line, None):
+        verdict = analyse_theorem("t", laid_out.traced_tactics, span)
+        assert not verdict.replayable and verdict.category == PROOF_NOT_AT_END and verdict.root == root
+
+
 def test_comap_without_its_metavariables_is_still_refused(sample: dict[str, BenchmarkTheorem]) -> None:
     """Defence in depth: with the statement block's universe metavariable renamed away,
     the real proof's tactics start from a goal the side goal's proof never reaches."""
     traced = [replace(t, state_before=t.state_before.replace("?u.25201", "u_2"), state_after=t.state_after.replace("?u.25201", "u_2"))
               for t in sample[COMAP].traced_tactics]
-    verdict = analyse_theorem(COMAP, traced)
+    verdict = analyse_theorem(COMAP, traced, (sample[COMAP].start, sample[COMAP].end))
     assert not verdict.replayable and verdict.category == FOREIGN_TACTICS
     assert "refine le_antisymm" in verdict.detail
 
@@ -139,7 +172,7 @@ def test_nested_tactics_are_part_of_the_proof() -> None:
     nested block of a proof step, not a foreign proof."""
     root, after_have = _goal("x : ℕ", "P"), _goal("x : ℕ\nh : Q", "P")
     theorem = _theorem("t", [(root, "have h : Q := by simp", after_have), (after_have, "exact h.p", NO_GOALS), (_goal("x : ℕ", "Q"), "simp", NO_GOALS)])
-    verdict = analyse_theorem("t", theorem.traced_tactics)
+    verdict = analyse_theorem("t", theorem.traced_tactics, (theorem.start, (3, 3 + len("exact h.p"))))
     assert verdict.replayable and verdict.tactics == ("have h : Q := by simp", "exact h.p")
     assert nested_in("simp", "have h : Q := by simp") and nested_in("simp at ha", "have hy : y ≠ 0 := by rintro rfl; simp at ha")
     assert nested_in("obtain ⟨f⟩ := h", "classical\n  obtain ⟨f⟩ := h\n  exact f")
@@ -241,10 +274,10 @@ def test_readme_states_the_counts() -> None:
     data = README.read_text(encoding="utf-8").split("## Data", 1)[1].split("\n## ", 1)[0]
     text = " ".join(data.split())
     found = re.search(r"(\d+) are replayable.*?(\d+) are not: (\d+) without traced tactics.*?(\d+) whose first traced goal "
-                      r"is not a statement's goal.*?(\d+) whose traced tactics do not close it", text)
+                      r"is not a statement's goal.*?(\d+) that do not end with a traced tactic.*?(\d+) whose traced tactics do not close", text)
     assert found, "README's Data section must state the replayability counts"
     reasons = SAMPLE_COUNTS["reasons"]
     assert tuple(int(g) for g in found.groups()) == (
-        SAMPLE_COUNTS["replayable"], SAMPLE_COUNTS["not_replayable"],
-        reasons[NO_TRACED_TACTICS], reasons[ROOT_NOT_STATEMENT], reasons[TRACE_INCOMPLETE],
+        SAMPLE_COUNTS["replayable"], SAMPLE_COUNTS["not_replayable"], reasons[NO_TRACED_TACTICS],
+        reasons[ROOT_NOT_STATEMENT], reasons[PROOF_NOT_AT_END], reasons[TRACE_INCOMPLETE],
     )
