@@ -374,9 +374,11 @@ def reason_in_message(message: str | None) -> str | None:
 
 
 def replayability_of_records(records: Sequence[Any], message_of: Callable[[Any], str | None]) -> dict[str, Any]:
-    """Replayability counts of one benchmark's records (one per theorem): those whose
-    message (`message_of(record)`) quotes a replay refusal are not replayable, by category;
-    the rest were searched. Every record stays in the denominator."""
+    """Replayability counts of one benchmark's records (one per theorem), in the shape of
+    `count_reasons`: a record whose message (`message_of(record)`) quotes a replay refusal
+    is not replayable, by category; the others count as replayable (on an environment
+    other than replay nothing is refused, so there `replayable == theorems` says nothing).
+    Every record stays in the denominator."""
     reasons: Counter[str] = Counter()
     for record in records:
         category = reason_in_message(message_of(record))
@@ -385,7 +387,7 @@ def replayability_of_records(records: Sequence[Any], message_of: Callable[[Any],
     not_replayable = sum(reasons.values())
     return {
         "theorems": len(records),
-        "searched": len(records) - not_replayable,
+        "replayable": len(records) - not_replayable,
         "not_replayable": not_replayable,
-        "reasons": dict(sorted(reasons.items())),
+        "reasons": {r: reasons[r] for r in REASONS if reasons[r]} | {r: n for r, n in sorted(reasons.items()) if r not in REASONS},
     }

@@ -281,3 +281,34 @@ def test_readme_states_the_counts() -> None:
         SAMPLE_COUNTS["replayable"], SAMPLE_COUNTS["not_replayable"], reasons[NO_TRACED_TACTICS],
         reasons[ROOT_NOT_STATEMENT], reasons[PROOF_NOT_AT_END], reasons[TRACE_INCOMPLETE],
     )
+
+
+def test_every_eval_summary_counts_replayability() -> None:
+    """Refused theorems stay in the denominator (as errors) and are counted by reason; the
+    table says so. Runs on other environments report no refusal."""
+    from prover.eval.records import records_for_theorem
+    from prover.eval.report import table_markdown
+    from prover.eval.summary import summarize
+    from search.result import SearchResult
+
+    def group(theorem_id: str, status: Status, errors: list[str]):
+        result = SearchResult(theorem_id, status, "best_first", errors=errors)
+        if status is Status.PROVED:
+            result.proof, result.verified = ["simp"], True
+        return records_for_theorem("b", theorem_id, result, {"oracle": result})
+
+    records = [
+        *group("ok", Status.PROVED, []),
+        *group("side", Status.ERROR, ["env_start: environment could not start 'side': theorem 'side' is not replayable [root_not_statement]: …"]),
+        *group("term", Status.ERROR, ["env_start: … is not replayable [proof_not_at_end]: …"]),
+        *group("lean", Status.ERROR, ["env_start: REPL failed while opening the statement"]),
+    ]
+    summary = summarize(records, strategy="best_first")
+    info = summary["benchmarks"]["b"]
+    assert info["rows"]["ensemble"]["theorems"] == 4 and info["rows"]["ensemble"]["proved"] == 1
+    assert info["replayability"] == {"theorems": 4, "replayable": 2, "not_replayable": 2,
+                                     "reasons": {ROOT_NOT_STATEMENT: 1, PROOF_NOT_AT_END: 1}}
+    table = table_markdown(summary, budget=Budget().to_json(), ensemble="independent")
+    assert "2 of 4 theorem(s) not replayable (root_not_statement 1, proof_not_at_end 1), counted as failed" in table
+    other = summarize(group("x", Status.FAILED, []), strategy="best_first")["benchmarks"]["b"]["replayability"]
+    assert other == {"theorems": 1, "replayable": 1, "not_replayable": 0, "reasons": {}}
