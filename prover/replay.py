@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from prover.replayability import (
     NO_GOALS,
@@ -33,7 +33,9 @@ from prover.replayability import (
     analyse_theorem,
     collapse_whitespace,
     count_reasons,
+    excluded,
     has_metavariable,
+    load_exclusions,
     split_goals,
     step,
 )
@@ -95,10 +97,13 @@ class ReplayEnvironment:
     the theorem is replayable and is its statement's goal.
     """
 
-    def __init__(self, theorems: Iterable[Any], *, latency_s: float = 0.0) -> None:
+    def __init__(self, theorems: Iterable[Any], *, latency_s: float = 0.0, exclusions: Mapping[str, str] | None = None) -> None:
+        """`exclusions`: full name → reason, theorems refused although the data-only rule
+        accepts them (default: `prover/resources/replay_exclusions.json`)."""
         if latency_s < 0:
             raise ValueError(f"latency_s must be >= 0 seconds, got {latency_s!r}")
         self.latency_s = float(latency_s)
+        self._exclusions = dict(load_exclusions() if exclusions is None else exclusions)
         self._edges: dict[tuple[str, str], str] = {}
         self._outgoing: dict[str, list[str]] = {}  # state → recorded tactic texts (original spelling)
         self._roots: dict[str, str] = {}
@@ -129,6 +134,8 @@ class ReplayEnvironment:
         traced = list(theorem.traced_tactics)
         start, end = getattr(theorem, "start", None), getattr(theorem, "end", None)
         verdict = analyse_theorem(name, traced, (tuple(start), tuple(end)) if start is not None and end is not None else None)
+        if name in self._exclusions:
+            verdict = excluded(name, self._exclusions[name], verdict)
         self._verdicts[name] = verdict
         if not traced:
             self.without_tactics.append(name)

@@ -23,16 +23,18 @@ The rule (`analyse_theorem`) — a theorem is replayable iff all of:
 
 1. it has traced tactics (otherwise its proof is a term, or untraced);
 2. the *root*, the first traced tactic's `state_before`, is one goal, without a `case`
-   tag and without metavariables (`?u.1`, `?m.2`, `?a`). A theorem's initial goal has
-   none of these; a side goal made by `refine`, `constructor`, `cases` carries a tag, and
-   a `by` block inside the statement is elaborated with the statement's universe
-   metavariables still open;
+   tag, without metavariables (`?u.1`, `?m.2`, `?a`) and whose last variable is not an
+   anonymous non-instance one (`x✝`). A theorem's initial goal has none of these; a side
+   goal made by `refine`, `constructor`, `cases` carries a tag, a `by` block inside the
+   statement is elaborated with the statement's universe metavariables still open, and
+   `fun _ ↦ by …` in a term-mode proof adds an anonymous variable;
 3. the declaration ENDS with a traced tactic: its last line (LeanDojo's `end` position)
    is the last line of a traced tactic standing on a line of its own, at an even
-   indentation >= 2 (Mathlib's layout of a `:= by` proof). A term-mode proof ends with
-   its term (`⟨fun h => …, by …⟩` ends with `⟩`) and a statement whose `by` block was
-   traced ends with the untraced rest of the declaration; a one-line declaration cannot
-   be checked and is refused;
+   indentation of 2 to 12 columns (Mathlib's layout of a `:= by` proof). A term-mode
+   proof ends with its term (`⟨fun h => …, by …⟩` ends with `⟩`) and a statement whose
+   `by` block was traced ends with the untraced rest of the declaration; a declaration on
+   one line, or whose proof shares a line with its statement, cannot be checked and is
+   refused;
 4. the theorem's *own* traced tactics close the root under the goal-stack model below
    (searched breadth-first; the shortest such proof is the recorded proof);
 5. every traced tactic of the theorem is accounted for: it applies at a goal list
@@ -61,6 +63,10 @@ term-mode proof whose LAST part is a `by` block laid out like a tactic proof
 dropped for containing `·`, look exactly like a tactic proof of a statement whose goal is
 that root. Only the statement text (newer LeanDojo versions record `theorem_statement`;
 LeanDojo's `corpus.jsonl` has each declaration's code) or Lean itself can tell them apart.
+For the bundled sample the accepted theorems were checked against their Mathlib source:
+the one such case, `SetTheory.PGame.zero_lf_inv'` (a proof by pattern matching,
+`| ⟨xl, xr, xL, xR⟩ => by …`), is refused by an annotation
+(`prover/resources/replay_exclusions.json`, category `known_not_tactic_proof`).
 
 Goal-stack model (`step`): a state is the goal list, goals separated by a blank line,
 each goal with exactly one `⊢` line. A recorded `(state_before, tactic) → state_after`
@@ -75,8 +81,11 @@ empty.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter, deque
+from importlib import resources
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -90,12 +99,14 @@ ROOT_NOT_STATEMENT = "root_not_statement"
 TRACE_INCOMPLETE = "trace_incomplete"
 FOREIGN_TACTICS = "foreign_tactics"
 PROOF_NOT_AT_END = "proof_not_at_end"
-REASONS = (NO_TRACED_TACTICS, ROOT_NOT_STATEMENT, PROOF_NOT_AT_END, TRACE_INCOMPLETE, FOREIGN_TACTICS)
+KNOWN_NOT_TACTIC_PROOF = "known_not_tactic_proof"
+REASONS = (NO_TRACED_TACTICS, ROOT_NOT_STATEMENT, PROOF_NOT_AT_END, TRACE_INCOMPLETE, FOREIGN_TACTICS, KNOWN_NOT_TACTIC_PROOF)
 REASON_TEXT = {
     NO_TRACED_TACTICS: "no traced tactics (a term-mode or untraced proof)",
     ROOT_NOT_STATEMENT: "the first traced goal is not a theorem's initial goal (several goals, a case tag or metavariables: a side goal)",
     TRACE_INCOMPLETE: "the traced tactics do not close the first traced goal (steps missing from the trace, e.g. tactics containing '·' that LeanDojo drops)",
     PROOF_NOT_AT_END: "the declaration does not end with a traced tactic on a line of its own (a term-mode proof, e.g. `⟨fun h => …, by …⟩`, or an untraced proof after a `by` block of the statement)",
+    KNOWN_NOT_TACTIC_PROOF: "its Mathlib source shows a proof that is not a tactic proof of the statement, which the data cannot show (`prover/resources/replay_exclusions.json`)",
     FOREIGN_TACTICS: "traced tactics outside the proof of the first traced goal (a `by` block in the statement or a term-mode proof: the first goal is a side goal)",
 }
 
@@ -115,6 +126,7 @@ _GOAL_LIST_WORDS = re.compile(
 _SEQUENCE_COMBINATORS = re.compile(r"^\s*(?:\(|try\b|first\b|classical\b|with_reducible\b|any_goals\b|all_goals\b)")
 # What may open a nested tactic block inside a tactic's text (followed by the nested tactic).
 _NESTED_OPENERS = ("by", "=>", "(", "|", ";", "<;>", "try", "classical", "first", "focus", "all_goals", "any_goals")
+MAX_PROOF_INDENT = 12  # columns: a tactic block nested six levels deep at most (rule 3)
 MAX_REPLAY_STATES = 20_000  # breadth-first search bound per theorem (goal lists visited)
 
 
@@ -203,6 +215,26 @@ def _refuse(theorem_id: str, category: str, detail: str, root: str | None = None
     return Replayability(theorem_id, False, root=root, category=category, detail=detail)
 
 
+EXCLUSIONS_PATH = Path(str(resources.files("prover") / "resources" / "replay_exclusions.json"))
+
+
+def load_exclusions(path: str | Path | None = None) -> dict[str, str]:
+    """Full name → why its proof is not a tactic proof of the statement, for theorems the
+    data-only rule cannot refuse (read from `path`, default the bundled annotations)."""
+    data = json.loads(Path(path or EXCLUSIONS_PATH).read_text(encoding="utf-8"))
+    theorems = data.get("theorems") if isinstance(data, dict) else None
+    if not isinstance(theorems, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in theorems.items()):
+        raise ValueError(f"{path or EXCLUSIONS_PATH}: expected {{\"theorems\": {{full name: reason}}}}")
+    return dict(theorems)
+
+
+def excluded(theorem_id: str, why: str, verdict: Replayability) -> Replayability:
+    """`verdict` overridden by an exclusion annotation (only ever from replayable to not)."""
+    if not verdict.replayable:
+        return verdict
+    return _refuse(theorem_id, KNOWN_NOT_TACTIC_PROOF, f"its Mathlib source is not a tactic proof of the statement: {why}", verdict.root)
+
+
 def analyse_theorem(
     theorem_id: str, traced: Sequence[Any], span: tuple[tuple[int, int], tuple[int, int]] | None = None
 ) -> Replayability:
@@ -220,6 +252,13 @@ def analyse_theorem(
     if root.startswith("case "):
         tag = root.split("\n", 1)[0]
         return _refuse(theorem_id, ROOT_NOT_STATEMENT, f"the first traced goal is tagged ({tag!r}): a side goal, not the statement")
+    anonymous = _anonymous_last_variable(root)
+    if anonymous:
+        return _refuse(
+            theorem_id, ROOT_NOT_STATEMENT,
+            f"the first traced goal's last variable is anonymous ({anonymous!r}), as `fun _ ↦ by …` in a term-mode proof "
+            "introduces: not trusted as the statement's goal",
+        )
     if has_metavariable(root):
         found = _METAVARIABLE.search(root)
         assert found is not None
@@ -256,10 +295,20 @@ def analyse_theorem(
     return Replayability(theorem_id, True, root=root, tactics=tuple(spelling[k] for k in path))
 
 
+def _anonymous_last_variable(goal: str) -> str:
+    """The last local variable's name when it is inaccessible (`x✝`) but not an instance
+    (`inst✝`): a binder the statement did not name; "" otherwise."""
+    declarations = [line for line in goal.split("\n") if " : " in line and not line.startswith((" ", TURNSTILE, "case "))]
+    if not declarations:
+        return ""
+    last = declarations[-1].split(" : ", 1)[0].split()[-1]
+    return last if "✝" in last and not last.startswith("inst✝") else ""
+
+
 def _proof_ends_declaration(traced: Sequence[Any], span: tuple[tuple[int, int], tuple[int, int]] | None) -> str:
     """Rule 3: "" when the declaration's last line is the last line of a traced tactic
-    standing on a line of its own (what precedes it is an indentation: an even number >= 2
-    of columns), else why not. LeanDojo columns are 1-based and `end` points just past the
+    standing on a line of its own (what precedes it is an indentation: an even number of
+    columns from 2 to `MAX_PROOF_INDENT`), else why not. LeanDojo columns are 1-based and `end` points just past the
     last character; continuation lines of a traced tactic keep only their indentation
     relative to the tactic's first column."""
     if span is None:
@@ -271,10 +320,11 @@ def _proof_ends_declaration(traced: Sequence[Any], span: tuple[tuple[int, int], 
     for t in traced:
         lines = t.tactic.rstrip().split("\n")
         indent = last_line_length - len(lines[-1])
-        if len(lines) <= end_line - start_line and indent >= 2 and indent % 2 == 0:
+        if len(lines) <= end_line - start_line and 2 <= indent <= MAX_PROOF_INDENT and indent % 2 == 0:
             return ""
     return (
-        f"its last line ({last_line_length} characters, line {end_line}) is not a traced tactic at an indentation: "
+        f"its last line ({last_line_length} characters, line {end_line}) is not a traced tactic at an indentation "
+        f"(even, 2 to {MAX_PROOF_INDENT} columns): "
         "the declaration ends with something else (a term-mode proof, or an untraced proof after a `by` block of the statement)"
     )
 

@@ -23,7 +23,8 @@ from training.trainer import train
 
 # Short replayable proofs (1-2 steps) with short tactics; one of them is held out by the
 # trainer's eval split, the others are the training (and proving) set.
-CHOSEN = ["List.get_attach", "Finmap.erase_toFinmap", "Polynomial.nextCoeff_ne_zero", "FreeAlgebra.toTensor_ι", "Order.pred_eq_iff_covBy"]
+CHOSEN = ["CategoryTheory.MorphismProperty.LeftFraction.map_ofHom", "Finmap.erase_toFinmap", "Polynomial.nextCoeff_ne_zero",
+          "FreeAlgebra.toTensor_ι", "CategoryTheory.Equivalence.invFunIdAssoc_hom_app"]
 EVAL_FRACTION = 0.1
 SEED = 0
 
