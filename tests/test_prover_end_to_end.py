@@ -23,8 +23,8 @@ from training.trainer import train
 
 # Short replayable proofs (1-2 steps) with short tactics; one of them is held out by the
 # trainer's eval split, the others are the training (and proving) set.
-CHOSEN = ["CategoryTheory.MorphismProperty.LeftFraction.map_ofHom", "Finmap.erase_toFinmap", "Polynomial.nextCoeff_ne_zero",
-          "FreeAlgebra.toTensor_ι", "CategoryTheory.Equivalence.invFunIdAssoc_hom_app"]
+CHOSEN = ["CategoryTheory.MorphismProperty.LeftFraction.map_ofHom", "Finmap.erase_toFinmap", "Convex.thickening",
+          "Fin.cons_rev", "CategoryTheory.Equivalence.invFunIdAssoc_hom_app"]
 EVAL_FRACTION = 0.1
 SEED = 0
 
