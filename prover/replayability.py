@@ -85,9 +85,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, deque
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 NO_GOALS = "no goals"
@@ -122,8 +122,8 @@ _GOAL_LIST_WORDS = re.compile(
     r"(?<![\w'.])(?:all_goals|any_goals|exacts|case'?|next|swap|rotate_left|rotate_right|pick_goal|"
     r"on_goal|done|iterate|repeat'?|repeat1|sorry|admit|fail_if_no_progress|focus|solve)(?![\w'])"
 )
-# Tactics that take a tactic SEQUENCE run on the current goal list: focused only when
-# their argument is visibly one tactic (no `;`, no line break).
+# Tactics that take a tactic SEQUENCE run on the current goal list (whose later elements
+# would act on the next goal once the first is closed): never applied focused.
 _SEQUENCE_COMBINATORS = re.compile(r"^\s*(?:\(|try\b|first\b|classical\b|with_reducible\b|any_goals\b|all_goals\b)")
 # What may open a nested tactic block inside a tactic's text (followed by the nested tactic).
 _NESTED_OPENERS = ("by", "=>", "(", "|", ";", "<;>", "try", "classical", "first", "focus", "all_goals", "any_goals")
@@ -161,11 +161,7 @@ def has_metavariable(text: str) -> bool:
 def acts_on_main_goal_only(tactic: str) -> bool:
     """Conservatively: the tactic reads and changes the main goal only, so running it with
     other goals present gives its focused result plus those goals unchanged."""
-    if _GOAL_LIST_WORDS.search(tactic) or "·" in tactic:
-        return False
-    if _SEQUENCE_COMBINATORS.match(tactic) and (";" in tactic or "\n" in tactic.strip()):
-        return False
-    return True
+    return not (_GOAL_LIST_WORDS.search(tactic) or "·" in tactic or _SEQUENCE_COMBINATORS.match(tactic))
 
 
 Edges = Mapping[tuple[str, str], str]
