@@ -53,7 +53,11 @@ def test_full_run_then_resume_after_a_simulated_kill(tmp_path, bench):
     rows = first.summary["benchmarks"][bench.name]["rows"]
     # denominator honesty: theorems the replay environment cannot open are failures with their error
     assert rows[ENSEMBLE]["theorems"] == n
-    assert rows[ENSEMBLE]["errors"] == len(replay.without_tactics) > 0
+    assert rows[ENSEMBLE]["errors"] == len(replay.not_replayable) > len(replay.without_tactics) > 0
+    # issue 10: the summary counts the theorems the replay refused, by reason
+    counts = replay.replayability_counts()
+    assert first.summary["benchmarks"][bench.name]["replayability"] == counts and counts["theorems"] == n
+    assert f"{counts['not_replayable']} of {n} theorem(s) not replayable" in (run_dir / "table.md").read_text()
     assert rows[ENSEMBLE]["proved"] >= rows["oracle"]["proved"] > 0
     records = RunDirectory(run_dir).records()
     assert check_summary_against_records(first.summary, records) == []

@@ -34,26 +34,33 @@ def _prove(*args: str):
 
 
 def test_prove_with_oracle_prints_the_proof() -> None:
-    result = _prove("--name", "antisymm_iff", "--generator", "oracle")
+    result = _prove("--name", "Convex.thickening", "--generator", "oracle")
     assert result.exit_code == 0, result.output
-    assert "antisymm_iff" in result.output and "proved" in result.output
-    assert "rintro rfl" in result.output and "exact ⟨refl _, refl _⟩" in result.output
+    assert "Convex.thickening" in result.output and "proved" in result.output
+    assert "rw [← add_ball_zero]" in result.output and "exact hs.add (convex_ball 0 _)" in result.output
 
 
 def test_prove_json_record_parses() -> None:
-    result = _prove("--name", "Order.pred_eq_iff_covBy", "--generator", "oracle", "--strategy", "sampling",
+    result = _prove("--name", "CategoryTheory.Equivalence.invFunIdAssoc_hom_app", "--generator", "oracle", "--strategy", "sampling",
                     "--max-passes", "200", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["status"] == "proved" and record["verified"] is True
-    assert record["proof"] == ["rintro rfl", "exact pred_covBy _"]
+    assert record["proof"] == ["dsimp [invFunIdAssoc]", "aesop_cat"]
     assert record["strategy"] == "sampling" and 1 <= record["passes"] <= 200
     assert record["settings"]["env"] == "replay" and record["settings"]["generator"]["kind"] == "oracle"
     assert record["settings"]["budget"]["max_passes"] == 200
 
 
-def test_fixed_list_is_the_default_generator() -> None:
-    proved = _prove("--name", "List.get_attach", "--json")  # recorded proof: `simp`, in the default list
+def test_fixed_list_is_the_default_generator(tmp_path) -> None:
+    # No replayable proof of the bundled sample is a single tactic of the default list (its
+    # `simp` proofs share a line with their statement: not replayable), so a one-theorem
+    # LeanDojo file laid out as `theorem … := by` / `  simp` stands in.
+    record = {"url": "u", "commit": "c", "file_path": "F.lean", "full_name": "T.add_zero", "start": [1, 1], "end": [2, 7],
+              "traced_tactics": [{"tactic": "simp", "annotated_tactic": ["simp", []],
+                                  "state_before": "x : ℕ\n⊢ x + 0 = x", "state_after": "no goals"}]}
+    (tmp_path / "one.json").write_text(json.dumps([record]))
+    proved = _prove("--name", "T.add_zero", "--benchmark", str(tmp_path / "one.json"), "--json")
     assert proved.exit_code == 0, proved.output
     record = json.loads(proved.stdout)
     assert record["proof"] == ["simp"] and record["member"] == "fixed"

@@ -21,9 +21,10 @@ from training.data import SAMPLE_PATH, split_theorem_ids
 from training.ensemble import MANIFEST_NAME, EnsembleMember, member_name, write_manifest
 from training.trainer import train
 
-# Short connected proofs (1-2 steps) with short tactics; one of them is held out by the
+# Short replayable proofs (1-2 steps) with short tactics; one of them is held out by the
 # trainer's eval split, the others are the training (and proving) set.
-CHOSEN = ["List.get_attach", "Finmap.erase_toFinmap", "Booleanisation.lift_le_lift", "antisymm_iff", "Order.pred_eq_iff_covBy"]
+CHOSEN = ["CategoryTheory.MorphismProperty.LeftFraction.map_ofHom", "Finmap.erase_toFinmap", "Convex.thickening",
+          "Fin.cons_rev", "CategoryTheory.Equivalence.invFunIdAssoc_hom_app"]
 EVAL_FRACTION = 0.1
 SEED = 0
 

@@ -13,13 +13,15 @@ from training.data import SAMPLE_PATH, BenchmarkTheorem, TracedTactic, read_benc
 
 
 def _theorem(name: str, steps: list[tuple[str, str, str]]) -> BenchmarkTheorem:
+    # Laid out as `theorem … := by` then one tactic per line at indentation 2: the
+    # declaration ends just past its last tactic (what the replay's end check expects).
     return BenchmarkTheorem(
         full_name=name,
         file_path="F.lean",
         url="u",
         commit="c",
         start=(1, 1),
-        end=(2, 1),
+        end=(1 + sum(len(t.split("\n")) for _, t, _ in steps), 3 + len(steps[-1][1].split("\n")[-1])) if steps else (2, 1),
         traced_tactics=[TracedTactic(t, t, before, after) for before, t, after in steps],
     )
 
@@ -62,18 +64,22 @@ def test_graph_is_global_across_theorems() -> None:
     env = ReplayEnvironment([
         _theorem("a", [("⊢ P", "intro h", "h : Q\n⊢ R"), ("h : Q\n⊢ R", "exact f h", NO_GOALS)]),
         _theorem("b", [("⊢ S", "apply g", "h : Q\n⊢ R")]),
+        _theorem("c", [("⊢ S", "apply g", "h : Q\n⊢ R"), ("h : Q\n⊢ R", "exact f' h", NO_GOALS)]),
     ])
-    mid = env.apply(env.start(Theorem("b")), "apply g")
+    mid = env.apply(env.start(Theorem("c")), "apply g")
     assert isinstance(mid, Progress)
     assert env.apply(mid.state, "exact f h") == Proved()  # recorded in theorem a
-    assert env.verify(Theorem("b"), ["apply g", "exact f h"]).ok
-    assert not env.recorded_proof("b").connected  # b's own trace ends with goals left
+    assert env.verify(Theorem("c"), ["apply g", "exact f h"]).ok
+    assert env.recorded_proof("c").tactics == ("apply g", "exact f' h")  # its own proof
+    # b's own trace ends with goals left: not replayable, so never opened nor proved.
+    assert not env.recorded_proof("b").connected and "trace_incomplete" in env.recorded_proof("b").reason
+    assert not env.verify(Theorem("b"), ["apply g", "exact f h"]).ok
     assert env.recorded_proof("a").connected and env.recorded_proof("a").length == 2
 
 
 def test_start_errors_name_the_problem() -> None:
     env = ReplayEnvironment([_theorem("empty", []), _theorem("t", [("⊢ P", "simp", NO_GOALS)])])
-    with pytest.raises(EnvironmentStartError, match="no traced tactics"):
+    with pytest.raises(EnvironmentStartError, match=r"not replayable \[no_traced_tactics\]"):
         env.start(Theorem("empty"))
     with pytest.raises(EnvironmentStartError, match="not in the replay data"):
         env.start(Theorem("missing"))
@@ -106,17 +112,17 @@ def test_conflicting_records_keep_the_first_and_are_counted() -> None:
 
 
 def test_sample_connectivity_is_computed_by_replay(sample_env: ReplayEnvironment) -> None:
-    # 108 theorems, 55 with traced tactics; a proof is connected iff replaying its traced
-    # tactics in order from the root reaches `no goals`.
-    assert len(sample_env.theorem_ids) == 108 and len(sample_env.startable_ids) == 55
+    # 108 theorems, 55 with traced tactics; a proof is connected (replayable) iff its own
+    # traced tactics close its statement's goal (`prover.replayability`).
+    assert len(sample_env.theorem_ids) == 108 and len(sample_env.without_tactics) == 53
     connected = sample_env.connected_proofs()
-    assert len(connected) == 48
+    assert len(connected) == len(sample_env.startable_ids) == 40
     for proof in connected:
         assert sample_env.verify(Theorem(proof.theorem_id), list(proof.tactics)).ok
-    broken = [sample_env.recorded_proof(n) for n in sample_env.startable_ids if not sample_env.recorded_proof(n).connected]
-    assert len(broken) == 7
+    broken = [sample_env.recorded_proof(n) for n in sample_env.theorem_ids if n not in sample_env.without_tactics and not sample_env.recorded_proof(n).connected]
+    assert len(broken) == 15
     for proof in broken:
-        assert proof.reason
+        assert proof.reason.startswith("not replayable [") and proof.category
         assert not sample_env.verify(Theorem(proof.theorem_id), list(proof.tactics)).ok
     lengths = sorted(p.length for p in connected)
     assert lengths[0] == 1 and lengths[-1] == 11

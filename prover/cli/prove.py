@@ -130,9 +130,11 @@ def prove_command(
         raise fail(str(err)) from err
     if isinstance(environment, ReplayEnvironment) and theorem.id not in environment:
         raise fail(
-            f"theorem {theorem.id!r} cannot be opened by the replay environment (it has no traced tactics "
-            "in the benchmark); use --env repl or --env dojo with Lean installed"
+            f"theorem {theorem.id!r} cannot be opened by the replay environment (it is not in the replay "
+            "data); use --env repl or --env dojo with Lean installed"
         )
+    # A theorem of the data that is not replayable is searched all the same: `start` refuses
+    # it, the record says `error` with the reason (`not replayable [...]`) and the exit is 1.
     try:
         if settings.generator.kind == "model":
             import torch

@@ -56,6 +56,10 @@ def table_markdown(summary: Mapping[str, Any], *, budget: Mapping[str, Any], ens
         ens = info["rows"][ENSEMBLE]
         if ens["errors"]:
             notes.append(f"- {info['label']}: {ens['errors']} theorem(s) could not be searched (counted as failed).")
+        replay = info.get("replayability") or {}
+        if replay.get("not_replayable"):
+            reasons = ", ".join(f"{reason} {n}" for reason, n in replay["reasons"].items())
+            notes.append(f"- {info['label']}: {replay['not_replayable']} of {replay['theorems']} theorem(s) not replayable ({reasons}), counted as failed.")
         if info["missing"]:
             notes.append(f"- {info['label']}: incomplete, {info['missing']} of the {info['expected']} selected theorems not recorded yet.")
     if notes:

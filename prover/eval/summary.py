@@ -11,6 +11,10 @@ member's budget. For the ensemble, a theorem counts at `x` once any member prove
 within `x` of its own budget (members searched independently, each with the same budget),
 so the ensemble curve is the union of the member curves; without member records (a
 mixture ensemble) the ensemble line's own count is used.
+
+`replayability` (per benchmark): how many of the recorded theorems the replay environment
+refused as not replayable, by reason category (`prover.replayability`); they are in every
+denominator above, as errors, never dropped. Zero for runs on other environments.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import Counter, defaultdict
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from prover.eval.records import ENSEMBLE, EvalRecord
+from prover.replayability import replayability_of_records
 
 MAX_LISTED_ERRORS = 20
 
@@ -114,6 +119,8 @@ def summarize(
             "missing": missing,
             "complete": missing == 0,
             "rows": rows,
+            # issue 10: how many theorems the replay environment refused, by reason (kept above as errors)
+            "replayability": replayability_of_records(ensemble_records, _record_message),
         }
     overall_recorded = sum(b["recorded"] for b in benchmarks.values())
     overall_proved = sum(b["rows"][ENSEMBLE]["proved"] for b in benchmarks.values())
@@ -127,6 +134,10 @@ def summarize(
         "pass_rate": overall_proved / overall_recorded if overall_recorded else 0.0,
         "complete": all(b["complete"] for b in benchmarks.values()) and bool(benchmarks),
     }
+
+
+def _record_message(record: EvalRecord) -> str:
+    return record.error or "; ".join(record.result.get("errors", []))
 
 
 def _ensemble_usages(
