@@ -4,6 +4,7 @@ plus a scripted REPL for flows the recordings do not contain (complete-proof ver
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,64 +115,100 @@ def test_recorded_elaboration_error_is_a_lean_error():
         assert result.message == "Unknown identifier `my_fake_premise`"
 
 
-def test_recorded_failed_proof_is_not_verified():
-    with env_for() as env:
-        v = env.verify(Theorem("foo", "theorem foo (x : Int) : x = x := by"), ["have h : x = 1 := by sorry"])
+def test_recorded_failed_proof_is_not_verified(tmp_path):
+    # Lean's recorded answer to this proof (core/have_by_sorry), given to the renamed command.
+    theorem, tactics = Theorem("foo", "theorem foo (x : Int) : x = x := by"), ["have h : x = 1 := by sorry"]
+    assert SESSIONS["core/have_by_sorry"][0][0] == {"cmd": "theorem foo (x : Int) : x = x := by\n  have h : x = 1 := by sorry"}
+    script = _verify_script(theorem, tactics, recorded("core/have_by_sorry", 0), [])
+    with scripted_env(tmp_path, script) as env:
+        v = env.verify(theorem, tactics)
         assert not v.ok and "unsolved goals" in v.message
 
 
-def _axioms_response(name: str, axioms: list[str] | None) -> dict:
-    data = f"'{name}' does not depend on any axioms" if axioms is None else f"'{name}' depends on axioms: [{', '.join(axioms)}]"
-    return {"messages": [{"severity": "info", "pos": {"line": 1, "column": 0}, "endPos": {"line": 1, "column": 13}, "data": data}]}
+FRESH = r"dco_verify_[0-9a-f]{32}"
 
 
-def _verify_script(command: str, name: str, proof_response: dict, axioms: list[str] | None) -> dict:
-    return {"commands": [{"cmd": command, "response": proof_response},
-                         {"cmd": f"#print axioms {name}", "response": _axioms_response(name, axioms)}]}
-
-
-COMMAND = ("theorem complex_and (p q r : Prop) (h1 : p ∧ q) (h2 : q → r) : p ∧ r := by\n"
-           "  apply And.intro\n  exact h1.left\n  apply h2\n  exact h1.right")
+def _verify_script(theorem: Theorem, tactics: list[str], proof_response: dict, axioms: list[str],
+                   constants: list[dict] | None = None) -> dict:
+    """A script whose proof command (any fresh name) gets `proof_response`; the declared
+    constant holds `axioms`, which the fake's `#print axioms` reports as Lean does."""
+    command, name = proof_command(check_statement(theorem.statement), tactics, name="NAME")
+    pattern = re.escape(command).replace("NAME", FRESH)
+    return {"commands": [{"cmd_regex": pattern, "response": proof_response, "axioms": axioms}],
+            "constants": constants or []}
 
 
 @pytest.mark.parametrize(
     "proof_response, axioms, ok, message",
     [
-        ({}, None, True, "verified; axioms: none"),
+        ({}, [], True, "verified; axioms: none"),
         ({}, ["propext", "Classical.choice", "Quot.sound"], True, "verified; axioms: Classical.choice, Quot.sound, propext"),
         ({}, ["propext", "sorryAx"], False, "disallowed axioms: sorryAx"),
         ({}, ["Lean.ofReduceBool"], False, "disallowed axioms: Lean.ofReduceBool"),
+        ({}, ["propext", "Lean.trustCompiler"], False, "disallowed axioms: Lean.trustCompiler"),
+        ({}, ["my_axiom"], False, "disallowed axioms: my_axiom"),
         ({"messages": [{"severity": "warning", "pos": {"line": 1, "column": 8}, "endPos": {"line": 1, "column": 19},
                         "data": "declaration uses `sorry`"}]}, ["sorryAx"], False, "uses `sorry`"),
         ({"messages": [{"severity": "error", "pos": {"line": 3, "column": 2}, "endPos": {"line": 3, "column": 7},
-                        "data": "type mismatch"}]}, None, False, "Lean reported errors: type mismatch"),
+                        "data": "type mismatch"}]}, [], False, "Lean reported errors: type mismatch"),
     ],
 )
 def test_verification_accepts_only_clean_proofs(tmp_path, proof_response, axioms, ok, message):
-    with scripted_env(tmp_path, _verify_script(COMMAND, "complex_and", proof_response, axioms)) as env:
+    with scripted_env(tmp_path, _verify_script(COMPLEX_AND, COMPLEX_AND_PROOF, proof_response, axioms)) as env:
         v = env.verify(COMPLEX_AND, COMPLEX_AND_PROOF)
         assert v.ok is ok and message in v.message, v
+
+
+PROTECTED = Theorem("Nat.lt_irrefl'", "namespace Nat\nprotected theorem lt_irrefl' (n : ℕ) : ¬n < n := by", header="import Mathlib")
+
+
+def test_protected_declaration_cannot_point_the_audit_at_another_constant(tmp_path):
+    """Defect: `#print axioms lt_irrefl'` inside `namespace Nat` skips the protected
+    `Nat.lt_irrefl'` and audits a root `lt_irrefl'` (clean); the proof itself used
+    `Lean.ofReduceBool`. The verifier now audits its own fresh constant."""
+    root_lemma = [{"name": "lt_irrefl'", "axioms": []}]
+    script = _verify_script(PROTECTED, ["decide"], {}, ["propext", "Lean.ofReduceBool"], constants=root_lemma)
+    # What the previous verifier sent, answered the way Lean answers it:
+    script["commands"].append({"cmd": "namespace Nat\nprotected theorem lt_irrefl' (n : ℕ) : ¬n < n := by\n  decide",
+                               "response": {}, "axioms": ["propext", "Lean.ofReduceBool"]})
+    log = tmp_path / "requests.jsonl"
+    with scripted_env(tmp_path, script, "--request-log", log) as env:
+        v = env.verify(PROTECTED, ["decide"])
+    assert not v.ok and "disallowed axioms: Lean.ofReduceBool" in v.message, v
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    command, audit = sent[-2]["cmd"], sent[-1]["cmd"]
+    name = re.fullmatch(r"#print axioms (" + FRESH + ")", audit).group(1)
+    assert command == f"namespace Nat\ntheorem _root_.{name} (n : ℕ) : ¬n < n := by\n  decide"
+
+
+def test_fresh_name_differs_per_verification_and_statement_meaning_is_kept():
+    stmt = check_statement("open Real\nnamespace A\n@[simp] private theorem B.c (x : ℝ) : x = x := by sorry")
+    c1, n1 = proof_command(stmt, ["rfl"])
+    c2, n2 = proof_command(stmt, ["rfl"])
+    assert n1 != n2 and re.fullmatch(FRESH, n1)
+    assert c1 == f"open Real\nnamespace A\nnamespace B\ntheorem _root_.{n1} (x : ℝ) : x = x := by\n  rfl\nend B"
+    assert "@[simp]" not in c1 and "private" not in c1
 
 
 def test_example_is_renamed_so_its_axioms_can_be_printed(tmp_path):
     theorem = Theorem("ex", "example (p : Prop) (h : p) : p := by sorry", header="import Mathlib\nopen Real")
     command, name = proof_command(check_statement(theorem.statement), ["exact h"])
-    assert command.startswith(f"theorem {name} (p : Prop)") and command.endswith(":= by\n  exact h")
-    with scripted_env(tmp_path, _verify_script(command, name, {}, ["propext"])) as env:
+    assert command.startswith(f"theorem _root_.{name} (p : Prop)") and command.endswith(":= by\n  exact h")
+    with scripted_env(tmp_path, _verify_script(theorem, ["exact h"], {}, ["propext"])) as env:
         assert env.verify(theorem, ["exact h"]).ok
 
 
 def test_multiline_tactics_are_indented_as_one_block():
     stmt = check_statement("theorem t (x : Int) : x = x := by")
-    command, _ = proof_command(stmt, ["have h : x = x := by\n    rfl", "  exact h"])
-    assert command == "theorem t (x : Int) : x = x := by\n  have h : x = x := by\n      rfl\n  exact h"
+    command, name = proof_command(stmt, ["have h : x = x := by\n    rfl", "  exact h"])
+    assert command == f"theorem _root_.{name} (x : Int) : x = x := by\n  have h : x = x := by\n      rfl\n  exact h"
 
 
 def test_injected_commands_are_rejected_before_lean(tmp_path):
     log = tmp_path / "requests.jsonl"
     with scripted_env(tmp_path, {}, "--request-log", log) as env:
         v = env.verify(COMPLEX_AND, ["apply And.intro\n#eval 1"])
-        assert not v.ok and "tactic 1 rejected" in v.message and "#eval" in v.message
+        assert not v.ok and "tactic 1" in v.message and "#eval" in v.message and "2:0" in v.message
         with pytest.raises(EnvironmentStartError, match="rejected"):
             env.start(Theorem("t", "#eval 1\ntheorem t : True := by sorry"))
         with pytest.raises(EnvironmentStartError, match="outside the allowed roots"):

@@ -45,7 +45,9 @@ def test_all_minif2f_statements_and_their_header_are_accepted():
         assert checked.text == row["formal_statement"].rstrip()[: -len(":= by")].rstrip()
     header = check_header(MINIF2F[0]["header"])
     assert header.imports == ("Mathlib", "Aesop")
-    assert header.body == "set_option maxHeartbeats 0\n\nopen BigOperators Real Nat Topology Rat"
+    # "unlimited" is lowered to the cap (named in `adjusted`); everything else is kept.
+    assert header.body == "set_option maxHeartbeats 10000000\n\nopen BigOperators Real Nat Topology Rat"
+    assert header.adjusted and "lowered to 10000000" in header.adjusted[0]
 
 
 @pytest.mark.parametrize(
