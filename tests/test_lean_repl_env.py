@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,9 @@ def recorded(session: str, index: int) -> dict:
 
 
 def env_for(*flags: object, rebuild: bool = True, **overrides) -> ReplEnvironment:
-    cfg = dict(command=fake_repl.fake_command(*flags), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.1)
+    # Sandboxed where bwrap works (prover.lean.sandbox); scripts and logs live under the temp dir.
+    cfg = dict(command=fake_repl.fake_command(*flags), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.1,
+               sandbox_writable=(Path(tempfile.gettempdir()),))
     cfg.update(overrides)
     return ReplEnvironment(ReplConfig(**cfg), max_processes=2, rebuild_stale_states=rebuild)
 
