@@ -158,3 +158,17 @@ def test_mode_comes_from_config_or_environment(monkeypatch):
     assert sandbox.resolve_mode("require") == "require"
     with pytest.raises(ValueError, match="sandbox mode"):
         ReplConfig(sandbox="sometimes")
+
+
+def test_doctor_and_readiness_say_whether_the_sandbox_is_active(monkeypatch):
+    from prover.doctor import run_checks
+    from prover.lean.readiness import sandbox_check
+
+    monkeypatch.setenv("DCO_LEAN_SANDBOX", "off")
+    off = sandbox_check()
+    assert off.name == "Lean sandbox" and not off.ok and "INACTIVE" in off.detail and not off.required
+    monkeypatch.setenv("DCO_LEAN_SANDBOX", "require")
+    required = sandbox_check()
+    assert required.required and required.ok is sandbox.sandbox_status("require").active
+    doctor = {c.name: c for c in run_checks()}
+    assert doctor["Lean sandbox"].detail == required.detail
