@@ -115,7 +115,7 @@ ALLOWED_ATTRIBUTES = frozenset({"simp", "norm_cast", "push_cast", "field_simps",
 # Words that start commands, define syntax/elaborators/declarations or run code. Rejected
 # wherever they appear as a whole word or as a component of a dotted name.
 _FORBIDDEN_WORDS: dict[str, str] = {
-    **{w: "code-running command" for w in ("run_cmd", "run_elab", "run_meta", "run_tac", "by_elab", "eval", "evalExpr", "evalTerm", "eval_expr")},
+    **{w: "code-running command" for w in ("run_cmd", "run_elab", "run_meta", "run_tac", "by_elab", "evalExpr", "evalTerm", "eval_expr")},
     **{
         w: "evaluating tactic (runs compiled code)"
         for w in (
@@ -311,6 +311,10 @@ def _lex(text: str, what: str) -> tuple[str, list[_Token]]:
             j = _string_end(text, i, what)
             tokens.append(_Token("str", text[i:j], i, j))
             i = j
+        elif c == "'" and text.startswith("''", i) and not (tokens and tokens[-1].end == i and tokens[-1].kind == "word"):
+            # Like Lean: a `'` followed by `'` never starts a char literal (`f '' s`).
+            tokens.append(_Token("sym", "''", i, i + 2))
+            i += 2
         elif c == "'" and _char_literal_end(text, i) is not None and not (tokens and tokens[-1].end == i and tokens[-1].kind == "word"):
             j = _char_literal_end(text, i)
             assert j is not None
@@ -397,14 +401,19 @@ def _scan_forbidden(code: str, tokens: Sequence[_Token], what: str, *, allow: fr
             raise _reject(what, f"the command `{t.text}`", "hash-command", code, t.start)
         if t.kind == "sym" and t.text == "@[":
             raise _reject(what, "an attribute `@[...]` here (only allow-listed attributes directly on the theorem)", "attribute", code, t.start)
-        if t.kind == "sym" and t.text == "%" and k > 0 and tokens[k - 1].end == t.start and tokens[k - 1].kind == "word":
+        # `eval% e`, `by_elab% ...`: a word glued to `%` and not followed by an operand
+        # (`n%100`, `a%b` are `mod`) is a term elaborator.
+        if (
+            t.kind == "sym" and t.text == "%" and k > 0 and tokens[k - 1].end == t.start and tokens[k - 1].kind == "word"
+            and not (k + 1 < len(tokens) and tokens[k + 1].start == t.end and tokens[k + 1].kind in ("word", "num"))
+        ):
             raise _reject(what, f"the term elaborator `{tokens[k - 1].text}%`", "elaborator", code, tokens[k - 1].start)
         if t.kind == "word":
             inner = t.text.split() if t.text != t.text.strip() or " " in t.text else [t.text]
             bad = next((w for w in inner if w in _FORBIDDEN_WORDS and w not in allow), None)
             if bad is not None and bad != t.text:
                 raise _reject(what, f"`{bad}` inside a «guillemet» name", "forbidden-word", code, t.start)
-            if _UNSAFE_API.match(t.text):
+            if _UNSAFE_API.search(t.text):
                 raise _reject(what, f"`{t.text}` (unsafe API)", "forbidden-word", code, t.start)
             if t.text in _FORBIDDEN_WORDS and t.text not in allow:
                 raise _reject(what, f"`{t.text}` ({_FORBIDDEN_WORDS[t.text]})", "forbidden-word", code, t.start)
