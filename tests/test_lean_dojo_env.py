@@ -95,6 +95,10 @@ class Behaviour:
         self.fail_enter_with_process: list[Any] = []  # (Popen, temp file) left by a failed __enter__
         self.fail_enter = False
         self.commands: list[str] = []
+        self.sources: dict[str, str] = {}  # file_path -> text of the traced file
+
+    def read_source(self, url: str, commit: str, file_path: str) -> Optional[str]:
+        return self.sources.get(file_path)
 
 
 def make_dojo_class(behaviour: Behaviour) -> type:
@@ -189,7 +193,7 @@ def fake_api(behaviour: Behaviour) -> DojoApi:
         Dojo=make_dojo_class(behaviour), Theorem=DojoTheorem, LeanGitRepo=LeanGitRepo, TacticState=TacticState,
         ProofFinished=ProofFinished, LeanError=LeanError, ProofGivenUp=ProofGivenUp, DojoInitError=DojoInitError,
         DojoTacticTimeoutError=DojoTacticTimeoutError, DojoCrashError=DojoCrashError, check_proof=check_proof,
-        CommandState=CommandState,
+        CommandState=CommandState, read_source=behaviour.read_source,
     )
 
 
@@ -328,8 +332,20 @@ def test_verify_screens_like_the_repl_and_never_verifies_unaudited(env):
     assert "native" in env.verify(theorem, ["decide +native"]).message
     assert "native_decide" in env.verify(theorem, ["native_decide"]).message
     no_statement = env.verify(as_theorem(rec), proof)  # the old path: recompiled, "axioms not audited"
-    assert not no_statement.ok and "audit" in no_statement.message
+    assert not no_statement.ok and "audit" in no_statement.message and "not verified" in no_statement.message
     assert not env.verify(Theorem("x"), proof).ok
+
+
+def test_verify_reads_the_statement_from_the_traced_file(env, behaviour):
+    rec = CHAINS[0]
+    line = rec["start"][0]
+    lines = ["import Mathlib", "namespace Demo"] + ["-- filler"] * (line - 4) + [
+        "/-- doc -/", f"@[simp, to_additive \"x := y\"] theorem {rec['full_name']} (n : ℕ) :", "    n = n := by", "  rfl"]
+    behaviour.sources[rec["file_path"]] = "\n".join(lines)
+    v = env.verify(as_theorem(rec), [tt["tactic"] for tt in rec["traced_tactics"]])
+    assert v.ok, v
+    command = behaviour.commands[-2]
+    assert "(n : ℕ) :\n    n = n := by\n" in command and "to_additive" not in command
 
 
 def test_apply_screens_and_sends_the_screened_text(env):

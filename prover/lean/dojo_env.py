@@ -18,9 +18,11 @@ text (comments blanked).
 `verify` runs the same check as the REPL backend: a command-mode Dojo at the theorem's line
 of its file (`Dojo((repo, file_path, line))`, the environment just before the theorem)
 elaborates the theorem under a fresh name with the proof (`verification_command`), then
-`#print axioms <fresh>`, whose answer goes through the shared `audit_axioms`. It needs the
-statement text (`Theorem.statement` or `metadata["statement"]`) and `metadata["start"]`;
-without them it fails: an unaudited proof is never reported verified.
+`#print axioms <fresh>`, whose answer goes through the shared `audit_axioms`. It needs
+`metadata["start"]` and the statement: `Theorem.statement` / `metadata["statement"]`
+(screened like any untrusted statement) or, for benchmark theorems, the declaration's text
+in LeanDojo's traced copy of the file up to the proof's `:=` (`statement_from_source`).
+Without them it fails: an unaudited proof is never reported verified.
 
 A Dojo whose `__enter__` fails leaves LeanDojo's Lean process and modified temp file
 behind; `_enter_context` kills the process tree and removes the file.
@@ -40,7 +42,14 @@ from typing import Any, Sequence
 
 import psutil
 
-from prover.lean.untrusted import UntrustedInputError, check_statement, check_tactic, screen_tactics
+from prover.lean.untrusted import (
+    UntrustedInputError,
+    check_statement,
+    check_tactic,
+    screen_tactics,
+    split_statement,
+    statement_from_source,
+)
 from prover.lean.verification import audit_axioms, fresh_name, verification_command
 from search.types import (
     EnvironmentStartError,
@@ -81,6 +90,7 @@ class DojoApi:
     DojoCrashError: Any
     check_proof: Any
     CommandState: Any = None
+    read_source: Any = None  # (url, commit, file_path) -> the traced file's text, or None
 
 
 def load_lean_dojo(offline: bool = True) -> DojoApi:
@@ -107,7 +117,23 @@ def load_lean_dojo(offline: bool = True) -> DojoApi:
         DojoCrashError=ld.DojoCrashError,
         check_proof=ld.check_proof,
         CommandState=getattr(ld, "CommandState", None),
+        read_source=_traced_source_reader(ld),
     )
+
+
+def _traced_source_reader(ld: Any) -> Any:
+    """Reads a theorem's file from LeanDojo's traced copy of its repository (None if absent)."""
+
+    def read(url: str, commit: str, file_path: str) -> str | None:
+        try:
+            from lean_dojo.data_extraction.trace import get_traced_repo_path  # type: ignore[import-not-found]
+
+            root = Path(get_traced_repo_path(ld.LeanGitRepo(url, commit)))
+            return (root / file_path).read_text(encoding="utf-8")
+        except Exception:  # noqa: BLE001 - no traced copy: the statement stays unknown
+            return None
+
+    return read
 
 
 TheoremKey = tuple[str, str, str, str]
@@ -198,12 +224,22 @@ class DojoEnvironment:
             return Verification(False, str(e))
         statement_text = theorem.statement or str(theorem.metadata.get("statement") or "")
         start = theorem.metadata.get("start")
-        if not statement_text.strip() or not start:
+        if not start:
+            return Verification(False, "LeanDojo verification needs the theorem's `start` position (a traced repository); not verified")
+        trusted = False
+        if not statement_text.strip() and self.api.read_source is not None:
+            # The traced file is trusted (the benchmark's repository): its declaration's
+            # statement, up to the proof's `:=`.
+            source = self.api.read_source(key[0], key[1], key[2])
+            statement_text = (statement_from_source(source, int(start[0]), int(start[1]) if len(start) > 1 else 1) or "") if source else ""
+            trusted = True
+        if not statement_text.strip():
             return Verification(
-                False, "LeanDojo verification needs the theorem's statement and `start` position to audit its axioms; not verified"
+                False, "LeanDojo verification needs the theorem's statement (Theorem.statement, metadata `statement`, "
+                "or the traced file) to audit its axioms; not verified"
             )
         try:
-            statement = check_statement(statement_text)
+            statement = split_statement(statement_text) if trusted else check_statement(statement_text)
             name = fresh_name()
             command = verification_command(statement, texts, name)
         except (UntrustedInputError, ValueError) as e:

@@ -60,6 +60,8 @@ __all__ = [
     "check_tactic",
     "split_statement",
     "parse_header",
+    "screen_tactics",
+    "statement_from_source",
 ]
 
 MAX_STATEMENT_CHARS = 20_000
@@ -562,7 +564,7 @@ def _strip_placeholder(code: str, tokens: list[_Token]) -> tuple[str, list[_Toke
     return code.rstrip(), tokens
 
 
-def _split(text: str, what: str) -> _Split:
+def _split(text: str, what: str, *, strict_attributes: bool = True) -> _Split:
     code, tokens = _lex(text, what)
     code, tokens = _strip_placeholder(code, tokens)
     decl = [i for i, t in enumerate(tokens) if t.kind == "word" and t.text in _DECL_KEYWORDS]
@@ -580,7 +582,11 @@ def _split(text: str, what: str) -> _Split:
     if m > 0 and tokens[m - 1].text == "]":
         opener = next((k for k in range(m - 1, -1, -1) if tokens[k].text == "@["), None)
         if opener is not None:
-            attributes = _parse_attributes(tokens[opener + 1 : m - 1], code, what)
+            inner = tokens[opener + 1 : m - 1]
+            if strict_attributes:
+                attributes = _parse_attributes(inner, code, what)
+            else:  # trusted text (a traced repository): attributes are only recorded
+                attributes = tuple((t.text, t.start) for k, t in enumerate(inner) if t.kind == "word" and (k == 0 or inner[k - 1].text == ","))
             m = opener
     return _Split(code, tokens, d, m, attributes)
 
@@ -613,7 +619,7 @@ def split_statement(text: str) -> CheckedStatement:
 
     No security screening beyond the lexer; use `check_statement` for untrusted input.
     """
-    s = _split(text.replace("\r\n", "\n"), "statement")
+    s = _split(text.replace("\r\n", "\n"), "statement", strict_attributes=False)
     return _make_checked(s)
 
 
@@ -878,3 +884,34 @@ def screen_tactics(tactics: Iterable[str]) -> list[str]:
         except UntrustedInputError as e:
             raise UntrustedInputError(f"tactic {i}: {e}", rule=e.rule, position=e.position) from e
     return out
+
+
+def statement_from_source(source: str, line: int, column: int = 1) -> str | None:
+    """The statement of the declaration starting at `line`:`column` (1-based, as LeanDojo
+    records positions) of a *trusted* source file: its text up to the proof's depth-0 `:=`
+    (comments blanked). None when the declaration has no such `:=` (`|` equations, `where`).
+    """
+    lines = source.replace("\r\n", "\n").split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    offset = sum(len(x) + 1 for x in lines[: line - 1]) + max(0, column - 1)
+    try:
+        code, tokens = _lex(source.replace("\r\n", "\n")[offset:], "source")
+    except UntrustedInputError:
+        return None
+    keyword = next((k for k, t in enumerate(tokens) if t.kind == "word" and t.text in _DECL_KEYWORDS), None)
+    if keyword is None:
+        return None
+    depth = 0
+    for t in tokens[keyword + 1 :]:
+        if t.text in _OPENERS:
+            depth += 1
+        elif t.text in _OPENERS.values():
+            depth = max(0, depth - 1)
+        elif depth == 0 and t.kind == "word" and t.text in _DECL_KEYWORDS + ("where",):
+            return None
+        elif depth == 0 and t.text == "|":
+            return None
+        elif depth == 0 and t.text == ":=":
+            return code[: t.start].strip()
+    return None
