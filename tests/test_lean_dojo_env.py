@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -153,10 +154,8 @@ def make_dojo_class(behaviour: Behaviour) -> type:
                 axioms = sorted(self.declared[n])
                 data = f"'{n}' depends on axioms: [{', '.join(axioms)}]" if axioms else f"'{n}' does not depend on any axioms"
                 return CommandState(state.id + 1, data)
-            m = re.search(r"theorem _root_\.(\S+) .*?:= by\n(.*)", command, re.DOTALL)
+            m = re.search(r"theorem (\S+) .*?:= by\n(.*)", command, re.DOTALL)
             lines = [line.strip() for line in m.group(2).splitlines()] if m else []
-            if command.startswith("namespace ") and lines and lines[-1] == "end " + command.split()[1]:
-                lines.pop()
             if lines != [tt["tactic"] for tt in self.record["traced_tactics"]]:
                 return LeanError("unsolved goals")
             self.declared[m.group(1)] = list(behaviour.proof_axioms)
@@ -315,8 +314,9 @@ def test_verify_audits_axioms_of_a_fresh_constant(env, behaviour):
     ok = env.verify(theorem, proof)
     assert ok.ok and "axioms: Classical.choice, Quot.sound, propext" in ok.message, ok
     command, audit = behaviour.commands[-2:]
-    assert command.startswith("namespace ") and "theorem _root_.dco_verify_" in command
-    assert audit == "#print axioms " + command.split("theorem _root_.")[1].split()[0]
+    declared = command.split("theorem ")[1].split()[0]
+    assert re.fullmatch(r"(\w+\.)*dco_verify_[0-9a-f]{32}", declared), declared
+    assert audit == "#print axioms " + declared
     assert not env.verify(theorem, proof[:-1]).ok
     for bad in (["propext", "Lean.ofReduceBool"], ["sorryAx"], ["Lean.trustCompiler"]):
         behaviour.proof_axioms = bad

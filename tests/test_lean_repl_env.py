@@ -181,7 +181,19 @@ def test_protected_declaration_cannot_point_the_audit_at_another_constant(tmp_pa
     sent = [json.loads(line) for line in log.read_text().splitlines()]
     command, audit = sent[-2]["cmd"], sent[-1]["cmd"]
     name = re.fullmatch(r"#print axioms (" + FRESH + ")", audit).group(1)
-    assert command == f"namespace Nat\ntheorem _root_.{name} (n : ℕ) : ¬n < n := by\n  decide"
+    assert command == f"namespace Nat\ntheorem {name} (n : ℕ) : ¬n < n := by\n  decide"
+
+
+def test_the_report_must_name_the_fresh_constant(tmp_path):
+    from prover.lean.verification import audit_axioms
+
+    fresh = "dco_verify_" + "0" * 32
+    assert audit_axioms([f"'Nat.{fresh}' depends on axioms: [propext]"], fresh).ok
+    assert audit_axioms([f"'{fresh}' does not depend on any axioms"], fresh).ok
+    for bad in ([f"'lt_irrefl' does not depend on any axioms"], [f"'x{fresh}' does not depend on any axioms"],
+                [f"'{fresh}' does not depend on any axioms", f"'{fresh}' does not depend on any axioms"], [],
+                [f"'{fresh}' depends on axioms: [propext] trailing"], [f"'{fresh}' depends on axioms: [Lean.ofReduceBool]"]):
+        assert not audit_axioms(bad, fresh).ok, bad
 
 
 def test_fresh_name_differs_per_verification_and_statement_meaning_is_kept():
@@ -189,14 +201,20 @@ def test_fresh_name_differs_per_verification_and_statement_meaning_is_kept():
     c1, n1 = proof_command(stmt, ["rfl"])
     c2, n2 = proof_command(stmt, ["rfl"])
     assert n1 != n2 and re.fullmatch(FRESH, n1)
-    assert c1 == f"open Real\nnamespace A\nnamespace B\ntheorem _root_.{n1} (x : ℝ) : x = x := by\n  rfl\nend B"
+    assert c1 == f"open Real\nnamespace A\ntheorem B.{n1} (x : ℝ) : x = x := by\n  rfl"
     assert "@[simp]" not in c1 and "private" not in c1
+    # `open ... in` still applies to the declaration; a dotted «name» component stays one component
+    c3, n3 = proof_command(check_statement("open Foo in\ntheorem Foo.«a.b» : True := by"), ["trivial"])
+    assert c3 == f"open Foo in\ntheorem Foo.{n3} : True := by\n  trivial"
+    from prover.lean.verification import verification_command
+    check = verification_command(check_statement("theorem _root_.«x.y».z : True := by"), ["trivial"], n3)
+    assert check.text.startswith(f"theorem _root_.«x.y».{n3} :") and check.query == f"«x.y».{n3}"
 
 
 def test_example_is_renamed_so_its_axioms_can_be_printed(tmp_path):
     theorem = Theorem("ex", "example (p : Prop) (h : p) : p := by sorry", header="import Mathlib\nopen Real")
     command, name = proof_command(check_statement(theorem.statement), ["exact h"])
-    assert command.startswith(f"theorem _root_.{name} (p : Prop)") and command.endswith(":= by\n  exact h")
+    assert command.startswith(f"theorem {name} (p : Prop)") and command.endswith(":= by\n  exact h")
     with scripted_env(tmp_path, _verify_script(theorem, ["exact h"], {}, ["propext"])) as env:
         assert env.verify(theorem, ["exact h"]).ok
 
@@ -204,7 +222,7 @@ def test_example_is_renamed_so_its_axioms_can_be_printed(tmp_path):
 def test_multiline_tactics_are_indented_as_one_block():
     stmt = check_statement("theorem t (x : Int) : x = x := by")
     command, name = proof_command(stmt, ["have h : x = x := by\n    rfl", "  exact h"])
-    assert command == f"theorem _root_.{name} (x : Int) : x = x := by\n  have h : x = x := by\n      rfl\n  exact h"
+    assert command == f"theorem {name} (x : Int) : x = x := by\n  have h : x = x := by\n      rfl\n  exact h"
 
 
 def test_injected_commands_are_rejected_before_lean(tmp_path):

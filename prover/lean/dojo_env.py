@@ -240,8 +240,7 @@ class DojoEnvironment:
             )
         try:
             statement = split_statement(statement_text) if trusted else check_statement(statement_text)
-            name = fresh_name()
-            command = verification_command(statement, texts, name)
+            check = verification_command(statement, texts, fresh_name())
         except (UntrustedInputError, ValueError) as e:
             return Verification(False, f"statement cannot be re-checked: {e}")
         repo = self.api.LeanGitRepo(key[0], key[1])
@@ -251,14 +250,15 @@ class DojoEnvironment:
         except Exception as e:  # noqa: BLE001 - any start failure is a verification failure
             return Verification(False, f"LeanDojo could not open {key[2]} for re-checking: {type(e).__name__}: {e}")
         try:
-            return self._verify_in(dojo, state, command, name)
+            return self._verify_in(dojo, state, check)
         except (self.api.DojoTacticTimeoutError, self.api.DojoCrashError) as e:
             return Verification(False, f"LeanDojo failed while re-checking: {type(e).__name__}: {e}")
         finally:
             self._exit_context(context)
 
-    def _verify_in(self, dojo: Any, state: Any, command: str, name: str) -> Verification:
-        r = dojo.run_cmd(state, command)
+    def _verify_in(self, dojo: Any, state: Any, check: Any) -> Verification:
+        name = check.query
+        r = dojo.run_cmd(state, check.text)
         if isinstance(r, self.api.LeanError):
             return Verification(False, "Lean reported errors: " + str(r.error)[:2000])
         if _SORRY_WARNING.search(str(getattr(r, "message", "") or "")):
@@ -267,7 +267,7 @@ class DojoEnvironment:
         if isinstance(a, self.api.LeanError):
             return Verification(False, f"`#print axioms {name}` failed: {a.error}")
         lines = [_MESSAGE_PREFIX.sub("", m).strip() for m in str(getattr(a, "message", "") or "").strip().split("\n\n") if m.strip()]
-        audit = audit_axioms(lines, name)
+        audit = audit_axioms(lines, check.fresh)
         if not audit.ok:
             return Verification(False, audit.message)
         return Verification(True, "verified through LeanDojo; " + audit.message)

@@ -50,7 +50,14 @@ from prover.lean.untrusted import (
     screen_tactics,
     split_statement,
 )
-from prover.lean.verification import ALLOWED_AXIOMS, audit_axioms, fresh_name, parse_axioms, verification_command
+from prover.lean.verification import (
+    ALLOWED_AXIOMS,
+    VerificationCommand,
+    audit_axioms,
+    fresh_name,
+    parse_axioms,
+    verification_command,
+)
 from search.types import (
     EnvironmentStartError,
     Failed,
@@ -118,9 +125,9 @@ def classify_tactic_response(
 
 
 def proof_command(statement: CheckedStatement, tactics: Sequence[str], name: str | None = None) -> tuple[str, str]:
-    """`(command, name)`: the theorem under a fresh name (`verification_command`) with its proof."""
-    name = name or fresh_name()
-    return verification_command(statement, tactics, name), name
+    """`(command, fresh)`: the theorem under a fresh last name component (`verification_command`)."""
+    fresh = name or fresh_name()
+    return verification_command(statement, tactics, fresh).text, fresh
 
 
 class ReplEnvironment:
@@ -205,13 +212,10 @@ class ReplEnvironment:
                 return Verification(False, f"rejected before Lean: {e}")
         else:
             texts = list(tactics)
-        try:
-            command, name = proof_command(statement, texts)
-        except ValueError as e:
-            return Verification(False, str(e))
+        check = verification_command(statement, texts, fresh_name())
         try:
             with self.pool.lease(header.text) as lease:
-                return self._verify_in(lease.process, header, command, name)
+                return self._verify_in(lease.process, header, check)
         except (PoolBusy, PoolClosed) as e:
             return Verification(False, f"no REPL process available: {e}")
 
@@ -287,7 +291,8 @@ class ReplEnvironment:
             raise _RebuildFailed("the replayed path reached different goals")
         return ps
 
-    def _verify_in(self, proc: ReplProcess, header: CheckedHeader, command: str, name: str) -> Verification:
+    def _verify_in(self, proc: ReplProcess, header: CheckedHeader, check: VerificationCommand) -> Verification:
+        command, name = check.text, check.query
         try:
             env = proc.header_env(header.body)
             resp = proc.run_command(command, env, self.config.verify_timeout_s)
@@ -310,7 +315,7 @@ class ReplEnvironment:
         if isinstance(ax, ErrorResponse) or ax.errors:
             detail = ax.message if isinstance(ax, ErrorResponse) else "; ".join(m.data for m in ax.errors)
             return Verification(False, f"`#print axioms {name}` failed: {detail}")
-        audit = audit_axioms([m.data for m in ax.messages], name)
+        audit = audit_axioms([m.data for m in ax.messages], check.fresh)
         if not audit.ok:
             return Verification(False, audit.message)
         return Verification(True, "verified; " + audit.message)

@@ -524,6 +524,7 @@ class CheckedStatement:
     name_end: int | None = None
     modifiers: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
+    name_parts: tuple[str, ...] = ()  # the name's components, «guillemets» removed
 
 
 @dataclass(frozen=True)
@@ -628,9 +629,10 @@ def _make_checked(s: _Split) -> CheckedStatement:
     kw = tokens[s.decl_index]
     name = None
     name_end = None
+    name_parts: tuple[str, ...] = ()
     if kw.text != "example" and s.decl_index + 1 < len(tokens) and tokens[s.decl_index + 1].kind == "word":
         parts, _ = _dotted_at(tokens, s.decl_index + 1)
-        name, name_end = _name(parts), parts[-1].end
+        name, name_end, name_parts = _name(parts), parts[-1].end, tuple(p.text for p in parts)
     mod_start = tokens[s.modifiers_index].start
     modifiers = tuple(t.text for t in tokens[s.modifiers_index : s.decl_index] if t.kind == "word" and t.text in _DECL_MODIFIERS)
     return CheckedStatement(
@@ -644,6 +646,7 @@ def _make_checked(s: _Split) -> CheckedStatement:
         name_end=name_end,
         modifiers=modifiers,
         attributes=tuple(a for a, _ in s.attributes),
+        name_parts=name_parts,
     )
 
 

@@ -2,14 +2,13 @@
 
 Shared by every backend (REPL, LeanDojo), so "verified" means the same everywhere:
 
-- `verification_command` builds the theorem *under a fresh name* the verifier chose
-  (`dco_verify_<32 hex>`, from `secrets`), declared as `_root_.<fresh>`: nothing else in
-  any environment can have that name, so `#print axioms <fresh>` cannot resolve to another
-  constant (a `protected` declaration in a namespace, a Mathlib lemma of the same short
-  name). The statement keeps its meaning: a dotted name `A.B.c` elaborates its signature with
-  namespace `A.B` open, so the command is wrapped in `namespace A.B ... end A.B`; `private`
-  and `protected` are dropped (they only affect visibility of the name) and so are the
-  attributes (they only tag the name).
+- `verification_command` builds the theorem with its last name component replaced by a
+  fresh one the verifier chose (`dco_verify_<32 hex>`, from `secrets`): `A.b` becomes
+  `A.dco_verify_…`, so Lean elaborates the signature exactly as submitted (namespace `A`
+  open, the preamble and `open … in` unchanged). Nothing else in any environment can have
+  that component, so `#print axioms` cannot resolve to another constant (a `protected`
+  declaration in a namespace, a Mathlib lemma of the same short name). `private` and
+  `protected` are dropped (they only affect the name's visibility) and so are attributes.
 - `audit_axioms` accepts Lean's answer only when it is exactly one report
   (`'<fresh>' depends on axioms: [...]` or `'<fresh>' does not depend on any axioms`) that
   names the fresh constant, and every axiom is in `ALLOWED_AXIOMS` (so `sorryAx`,
@@ -26,11 +25,12 @@ from typing import Sequence
 
 from prover.lean.untrusted import CheckedStatement
 
-__all__ = ["ALLOWED_AXIOMS", "AxiomAudit", "audit_axioms", "fresh_name", "parse_axioms", "verification_command"]
+__all__ = ["ALLOWED_AXIOMS", "AxiomAudit", "VerificationCommand", "audit_axioms", "fresh_name", "parse_axioms", "verification_command"]
 
 ALLOWED_AXIOMS = frozenset({"propext", "Classical.choice", "Quot.sound"})
 FRESH_PREFIX = "dco_verify_"
 
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_']*")  # a component that needs no «guillemets»
 _REPORT = re.compile(r"'(?P<name>[^'\n]+)' depends on axioms: \[(?P<axioms>[^\]]*)\]\s*", re.DOTALL)
 _NO_AXIOMS = re.compile(r"'(?P<name>[^'\n]+)' does not depend on any axioms\s*")
 
@@ -46,30 +46,38 @@ def _indent_tactics(tactics: Sequence[str]) -> str:
     return "\n".join(textwrap.indent(textwrap.dedent(t).strip("\n"), "  ", lambda line: True) for t in tactics)
 
 
-def verification_command(statement: CheckedStatement, tactics: Sequence[str], name: str) -> str:
-    """The whole theorem, renamed to `_root_.<name>`, with its tactic proof (indented two spaces).
+@dataclass(frozen=True)
+class VerificationCommand:
+    """`text`: the command to elaborate; `query`: the name to give `#print axioms` in the
+    environment it produces; `fresh`: the fresh last component the audit must find."""
 
-    Raises ValueError when the statement's name cannot be reproduced under a fresh name
-    (`_root_.A.b` inside a `namespace` of the preamble).
+    text: str
+    query: str
+    fresh: str
+
+
+def verification_command(statement: CheckedStatement, tactics: Sequence[str], fresh: str) -> VerificationCommand:
+    """The theorem with its last name component replaced by `fresh`, and its tactic proof.
+
+    Only the last component changes, so Lean elaborates the signature exactly as for the
+    submitted name (`A.b` opens namespace `A` for it; the preamble, `open ... in` included,
+    applies unchanged). `private`/`protected` and attributes are dropped (they only affect
+    the name's visibility or tag it). The tactics are indented two spaces under `:= by`.
     """
     text = statement.text
     preamble = text[: statement.modifiers_start]
-    namespace = ""
+    prefix: list[str] = []
     rest_start = statement.keyword_start + len(statement.kind)
     if statement.name is not None and statement.name_end is not None:
-        declared = statement.name
-        if declared.startswith("_root_."):
-            declared = declared[len("_root_."):]
-            if re.search(r"(^|\s)namespace\s", preamble):
-                raise ValueError("a `_root_.` name inside a `namespace` cannot be re-checked under a fresh name")
-        namespace = declared.rpartition(".")[0]
+        parts = list(statement.name_parts or statement.name.split("."))
+        prefix = [p if _PLAIN.fullmatch(p) else f"«{p}»" for p in parts[:-1]]
         rest_start = statement.name_end
+    declared = ".".join([*prefix, fresh])
     modifiers = " ".join(m for m in statement.modifiers if m not in ("private", "protected"))
-    head = (modifiers + " " if modifiers else "") + f"theorem _root_.{name}"
+    head = (modifiers + " " if modifiers else "") + f"theorem {declared}"
     body = f"{head}{text[rest_start:]} := by\n{_indent_tactics(tactics)}"
-    if namespace:
-        body = f"namespace {namespace}\n{body}\nend {namespace}"
-    return f"{preamble}{body}" if preamble.strip() else body
+    query = ".".join([p for p in prefix if p != "_root_"] + [fresh])
+    return VerificationCommand(f"{preamble}{body}" if preamble.strip() else body, query, fresh)
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,10 @@ def parse_axioms(messages_data: Sequence[str]) -> frozenset[str] | None:
 
 
 def audit_axioms(messages_data: Sequence[str], expected_name: str) -> AxiomAudit:
-    """The audit of the messages Lean answered to `#print axioms <expected_name>`.
+    """The audit of the messages Lean answered to `#print axioms` of the checked declaration.
 
-    Exactly one message, fully matching one of Lean's two report forms, naming
-    `expected_name`; every axiom in `ALLOWED_AXIOMS`.
+    Exactly one message, fully matching one of Lean's two report forms, naming the constant
+    whose last component is `expected_name` (the fresh name); every axiom in `ALLOWED_AXIOMS`.
     """
     if len(messages_data) != 1:
         return AxiomAudit(False, f"`#print axioms {expected_name}` gave {len(messages_data)} messages, expected exactly one report")
@@ -109,8 +117,11 @@ def audit_axioms(messages_data: Sequence[str], expected_name: str) -> AxiomAudit
     report = none or _REPORT.fullmatch(data)
     if report is None:
         return AxiomAudit(False, f"`#print axioms {expected_name}` gave no axiom report: {data[:300]!r}")
-    if report.group("name") != expected_name:
-        return AxiomAudit(False, f"the axiom report names `{report.group('name')}`, not the checked declaration `{expected_name}`")
+    reported = report.group("name")
+    # The full name is the fresh component under the declaration's namespaces; nothing
+    # else can end with the fresh component (128 random bits, chosen after submission).
+    if not (reported == expected_name or reported.endswith("." + expected_name)):
+        return AxiomAudit(False, f"the axiom report names `{reported}`, not the checked declaration `…{expected_name}`")
     axioms = frozenset() if none else frozenset(a.strip() for a in report.group("axioms").split(",") if a.strip())
     extra = axioms - ALLOWED_AXIOMS
     if extra:
