@@ -19,8 +19,9 @@ possible and a token-level deny-list where the language is open:
   matters to evaluated or meta code (`IO`, `EIO`, `BaseIO`, `System`, `Internal`, `Elab`,
   `Meta`, `ofReduceBool`, `trustCompiler`, ...) - checked on *every component* of every
   dotted name, so `_root_.IO.println`, `Std.Internal.x` and `open IO in println` are caught.
-  Interpolated strings (`s!"..{e}.."`), quotations (`` ` ``) and `r#"..."#` raw strings
-  that are not plain data are rejected.
+  Interpolated strings (`s!"..{e}.."`, and any literal holding `{`, which `trace`,
+  `throwError`, `dbg_trace` interpolate and evaluate), quotations (`` ` ``) and raw strings
+  (`r#"..."#`) are rejected.
 
 Harmless text is accepted: string and char literals used as data, identifiers that merely
 contain a keyword (`unsafe_count`, `is_initialized`), «guillemet» names (checked by their
@@ -122,7 +123,7 @@ _FORBIDDEN_WORDS: dict[str, str] = {
         w: "evaluating tactic (runs compiled code)"
         for w in (
             "native_decide", "native", "plausible", "slim_check", "polyrith", "bv_decide", "bv_check",
-            "bv_omega", "decide!", "ofReduceBool", "reduceBool", "reduceNat", "trustCompiler",
+            "ofReduceBool", "ofReduceNat", "reduceBool", "reduceNat", "trustCompiler",
             "ofNative", "nativeDecide", "Native",
         )
     },
@@ -308,9 +309,15 @@ def _lex(text: str, what: str) -> tuple[str, list[_Token]]:
             i = j
         elif c == '"':
             prev = tokens[-1] if tokens else None
-            if prev is not None and prev.end == i and prev.kind == "word" and prev.text.endswith("!"):
+            # `s!"…"`, `m! "…"`: Lean allows whitespace between the `!` token and the string.
+            if prev is not None and prev.kind == "word" and prev.text.endswith("!"):
                 raise _reject(what, f"interpolated string `{prev.text}\"...\"` (its `{{...}}` parts are code)", "interpolated-string", text, prev.start)
             j = _string_end(text, i, what)
+            # `trace "{e}"`, `throwError "{e}"`, `dbg_trace "{e}"` interpolate a plain-looking
+            # literal and evaluate `e`: a string that could interpolate is not data.
+            brace = text.find("{", i, j)
+            if brace >= 0:
+                raise _reject(what, "a `{` in a string literal (string interpolation evaluates code)", "string-interpolation", text, brace)
             tokens.append(_Token("str", text[i:j], i, j))
             i = j
         elif c == "'" and text.startswith("''", i) and not (tokens and tokens[-1].end == i and tokens[-1].kind == "word"):
