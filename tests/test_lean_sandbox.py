@@ -172,3 +172,21 @@ def test_doctor_and_readiness_say_whether_the_sandbox_is_active(monkeypatch):
     assert required.required and required.ok is sandbox.sandbox_status("require").active
     doctor = {c.name: c for c in run_checks()}
     assert doctor["Lean sandbox"].detail == required.detail
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root and runuser to switch to an unprivileged user")
+def test_sandbox_works_for_an_unprivileged_user(tmp_path, listener):
+    scratch = Path(tempfile.mkdtemp(dir="/tmp", prefix="dco-sbx-"))  # reachable by `nobody`
+    os.chmod(scratch, 0o777)
+    code = CONNECT.format(port=listener) + "\n"
+    argv, _ = sandbox.wrap_command([sys.executable, "-c", code], scratch=scratch, cwd=ROOT, mode="require")
+    r = subprocess.run(["runuser", "-u", "nobody", "--", *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and "blocked" in r.stdout, r
+    write = 'import os\nopen(os.environ["TMPDIR"] + "/x", "w").write("1")\ntry:\n    open("/etc/x-escape", "w")\nexcept OSError:\n    print("ro")'
+    argv, _ = sandbox.wrap_command([sys.executable, "-c", write], scratch=scratch, cwd=ROOT, mode="require")
+    r = subprocess.run(["runuser", "-u", "nobody", "--", *argv], capture_output=True, text=True, timeout=60)
+    try:
+        assert r.stdout.strip() == "ro" and (scratch / "x").read_text() == "1", r
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
