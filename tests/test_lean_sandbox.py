@@ -112,6 +112,21 @@ def test_unix_sockets_under_run_and_tmp_are_hidden(tmp_path):
 
 
 @needs_bwrap
+@pytest.mark.parametrize("cwd", [Path("/"), Path("/tmp"), ROOT])
+def test_masks_hold_whatever_the_working_directory(tmp_path, cwd):
+    # A working directory at or above the masked layers must not re-expose them.
+    probe = Path(tempfile.mkdtemp(dir="/tmp")) / "visible"
+    probe.write_text("host")
+    try:
+        argv, _ = sandbox.wrap_command([sys.executable, "-c", f"import os; print(os.path.exists({str(probe)!r}))"],
+                                       scratch=tmp_path, cwd=cwd, mode="require")
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "False", r
+    finally:
+        shutil.rmtree(probe.parent, ignore_errors=True)
+
+
+@needs_bwrap
 def test_sandboxed_child_has_its_own_pid_namespace(tmp_path):
     r = run_child(f"import os\ntry:\n    os.kill({os.getpid()}, 0); print('sees host')\nexcept OSError:\n    print('isolated')", tmp_path)
     assert r.stdout.strip() == "isolated", r
@@ -174,17 +189,21 @@ def test_doctor_and_readiness_say_whether_the_sandbox_is_active(monkeypatch):
     assert doctor["Lean sandbox"].detail == required.detail
 
 
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
 @needs_bwrap
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root and runuser to switch to an unprivileged user")
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None or SYSTEM_PYTHON is None,
+                    reason="needs root, runuser and a system python3 to run a child as an unprivileged user")
 def test_sandbox_works_for_an_unprivileged_user(tmp_path, listener):
     scratch = Path(tempfile.mkdtemp(dir="/tmp", prefix="dco-sbx-"))  # reachable by `nobody`
     os.chmod(scratch, 0o777)
     code = CONNECT.format(port=listener) + "\n"
-    argv, _ = sandbox.wrap_command([sys.executable, "-c", code], scratch=scratch, cwd=ROOT, mode="require")
+    argv, _ = sandbox.wrap_command([SYSTEM_PYTHON, "-c", code], scratch=scratch, cwd=Path("/"), mode="require")
     r = subprocess.run(["runuser", "-u", "nobody", "--", *argv], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "blocked" in r.stdout, r
     write = 'import os\nopen(os.environ["TMPDIR"] + "/x", "w").write("1")\ntry:\n    open("/etc/x-escape", "w")\nexcept OSError:\n    print("ro")'
-    argv, _ = sandbox.wrap_command([sys.executable, "-c", write], scratch=scratch, cwd=ROOT, mode="require")
+    argv, _ = sandbox.wrap_command([SYSTEM_PYTHON, "-c", write], scratch=scratch, cwd=Path("/"), mode="require")
     r = subprocess.run(["runuser", "-u", "nobody", "--", *argv], capture_output=True, text=True, timeout=60)
     try:
         assert r.stdout.strip() == "ro" and (scratch / "x").read_text() == "1", r

@@ -38,6 +38,10 @@ SANDBOX_MODES = ("auto", "require", "off")
 INSTALL_HINT = "install bubblewrap (`apt-get install -y bubblewrap`; `dco-prover setup-lean` does it where it can)"
 
 
+# Directories replaced by an empty read-only tmpfs: other programs' sockets and scratch files.
+_MASKED = ("/run", "/tmp")
+
+
 class SandboxUnavailable(RuntimeError):
     """`require` mode, and bubblewrap is missing or does not work on this machine."""
 
@@ -66,18 +70,21 @@ def _bwrap_args(scratch: Path, writable: Sequence[Path], cwd: Path | None) -> li
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
-        "--tmpfs", "/run",
-        "--tmpfs", "/tmp",
+        *[x for layer in _MASKED for x in ("--tmpfs", layer)],
     ]
-    if cwd is not None:  # visible (read-only) even when it lies under a masked directory
-        args += ["--ro-bind", str(Path(cwd).resolve()), str(Path(cwd).resolve())]
+    if cwd is not None:
+        c = Path(cwd).resolve()
+        # A working directory under a masked layer stays visible (read-only); anywhere else
+        # the root bind already shows it (re-binding `/` would undo the masks).
+        if any(c != Path(layer) and Path(layer) in c.parents for layer in _MASKED):
+            args += ["--ro-bind", str(c), str(c)]
     for path in [scratch, *writable]:
         p = str(Path(path).resolve())
         args += ["--bind", p, p]
     # The tmpfs layers are read-only too (the binds above stay writable): nothing but the
     # scratch dir and `writable` can be written, not even ephemerally.
     bound = {str(Path(p).resolve()) for p in [scratch, *writable]}
-    for layer in ("/tmp", "/run"):
+    for layer in _MASKED:
         if layer not in bound:  # a writable bind of the layer itself replaced the tmpfs
             args += ["--remount-ro", layer]
     args += ["--setenv", "TMPDIR", str(Path(scratch).resolve())]
