@@ -299,3 +299,17 @@ def test_crash_or_garbage_is_a_crash_of_that_tactic_only(flag):
         assert isinstance(broken, Failed) and broken.kind == FailureKind.CRASH
         fresh = env.start(COMPLEX_AND)
         assert isinstance(env.apply(fresh, "apply And.intro"), Progress)
+
+
+AUDIT_CASES = json.loads((ROOT / "tests/data/lean_audit/cases.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("case", AUDIT_CASES, ids=[c["id"] for c in AUDIT_CASES])
+def test_axiom_audit_cases_end_to_end(tmp_path, case):
+    theorem = Theorem("t", case["statement"], header="import Mathlib")
+    response = {"messages": case["proof_messages"]} if "proof_messages" in case else {}
+    script = _verify_script(theorem, case["tactics"], response, case["proof_axioms"], constants=case.get("constants"))
+    with scripted_env(tmp_path, script) as env:
+        v = env.verify(theorem, case["tactics"])
+    ok, fragment = case["expect"]
+    assert v.ok is ok and fragment in v.message, v
