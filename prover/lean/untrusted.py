@@ -272,8 +272,13 @@ def _string_end(text: str, i: int, what: str) -> int:
     raise _reject(what, "unterminated string literal", "string", text, i)
 
 
-def _lex(text: str, what: str) -> tuple[str, list[_Token]]:
-    """`(blanked, tokens)`: comments (`--`, nested `/- -/`) replaced by spaces; tokens of the rest."""
+def _lex(text: str, what: str, *, trusted: bool = False) -> tuple[str, list[_Token]]:
+    """`(blanked, tokens)`: comments (`--`, nested `/- -/`) replaced by spaces; tokens of the rest.
+
+    `trusted` (benchmark files, traced repositories): only the structure is wanted, so the
+    screening rules inside the lexer (interpolation, quotations, raw strings, odd «names»)
+    do not apply.
+    """
     out = list(text)
     tokens: list[_Token] = []
     n = len(text)
@@ -310,12 +315,12 @@ def _lex(text: str, what: str) -> tuple[str, list[_Token]]:
         elif c == '"':
             prev = tokens[-1] if tokens else None
             # `s!"…"`, `m! "…"`: Lean allows whitespace between the `!` token and the string.
-            if prev is not None and prev.kind == "word" and prev.text.endswith("!"):
+            if not trusted and prev is not None and prev.kind == "word" and prev.text.endswith("!"):
                 raise _reject(what, f"interpolated string `{prev.text}\"...\"` (its `{{...}}` parts are code)", "interpolated-string", text, prev.start)
             j = _string_end(text, i, what)
             # `trace "{e}"`, `throwError "{e}"`, `dbg_trace "{e}"` interpolate a plain-looking
             # literal and evaluate `e`: a string that could interpolate is not data.
-            brace = text.find("{", i, j)
+            brace = -1 if trusted else text.find("{", i, j)
             if brace >= 0:
                 raise _reject(what, "a `{` in a string literal (string interpolation evaluates code)", "string-interpolation", text, brace)
             tokens.append(_Token("str", text[i:j], i, j))
@@ -334,13 +339,13 @@ def _lex(text: str, what: str) -> tuple[str, list[_Token]]:
             if j < 0 or "\n" in text[i:j]:
                 raise _reject(what, "unterminated «guillemet» name", "guillemet", text, i)
             inner = text[i + 1 : j]
-            bad = next((ch for ch in inner if ch in _GUILLEMET_BAD), None)
+            bad = None if trusted else next((ch for ch in inner if ch in _GUILLEMET_BAD), None)
             if not inner.strip() or bad is not None:
                 detail = "empty «» name" if bad is None else f"«guillemet» name containing `{bad}`"
                 raise _reject(what, detail, "guillemet", text, i)
             tokens.append(_Token("word", inner, i, j + 1))
             i = j + 1
-        elif c == "`":
+        elif c == "`" and not trusted:
             raise _reject(what, "quoted name or syntax quotation (`)", "quotation", text, i)
         elif "0" <= c <= "9":
             j = i
@@ -353,7 +358,7 @@ def _lex(text: str, what: str) -> tuple[str, list[_Token]]:
             while j < n and _is_id_rest(text[j]):
                 j += 1
             word = text[i:j]
-            if word == "r" and j < n and text[j] in '#"':
+            if word == "r" and j < n and text[j] in '#"' and not trusted:
                 raise _reject(what, "raw string literal", "raw-string", text, i)
             tokens.append(_Token("word", word, i, j))
             i = j
@@ -573,7 +578,7 @@ def _strip_placeholder(code: str, tokens: list[_Token]) -> tuple[str, list[_Toke
 
 
 def _split(text: str, what: str, *, strict_attributes: bool = True) -> _Split:
-    code, tokens = _lex(text, what)
+    code, tokens = _lex(text, what, trusted=not strict_attributes)
     code, tokens = _strip_placeholder(code, tokens)
     decl = [i for i, t in enumerate(tokens) if t.kind == "word" and t.text in _DECL_KEYWORDS]
     if not decl:
@@ -835,7 +840,7 @@ def _read_imports(tokens: Sequence[_Token], code: str, what: str) -> tuple[list[
 def parse_header(text: str) -> CheckedHeader:
     """Splits a *trusted* header into imports and body (no security screening)."""
     text = text.replace("\r\n", "\n")
-    code, tokens = _lex(text, "header")
+    code, tokens = _lex(text, "header", trusted=True)
     imports, body_start, _ = _read_imports(tokens, code, "header")
     return CheckedHeader(text=code, imports=tuple(m for m, _ in imports), body=code[body_start:].strip())
 
@@ -906,7 +911,7 @@ def statement_from_source(source: str, line: int, column: int = 1) -> str | None
         return None
     offset = sum(len(x) + 1 for x in lines[: line - 1]) + max(0, column - 1)
     try:
-        code, tokens = _lex(source.replace("\r\n", "\n")[offset:], "source")
+        code, tokens = _lex(source.replace("\r\n", "\n")[offset:], "source", trusted=True)
     except UntrustedInputError:
         return None
     keyword = next((k for k, t in enumerate(tokens) if t.kind == "word" and t.text in _DECL_KEYWORDS), None)
