@@ -154,6 +154,9 @@ _FORBIDDEN_WORDS: dict[str, str] = {
     "admit": "`admit` (an unfinished proof)",
 }
 
+# `name%` term elaborators that evaluate their argument.
+_EVALUATING_ELABORATORS = frozenset({"eval", "by_elab", "run_elab", "elab", "run", "exec"})
+
 # Name components that only matter to evaluated or meta-level code.
 _FORBIDDEN_COMPONENTS: dict[str, str] = {
     **{c: "runtime (IO) API" for c in ("IO", "EIO", "BaseIO", "System", "Process", "FS", "Internal", "ST", "Task")},
@@ -416,10 +419,14 @@ def _scan_forbidden(code: str, tokens: Sequence[_Token], what: str, *, allow: fr
         if t.kind == "sym" and t.text == "@[":
             raise _reject(what, "an attribute `@[...]` here (only allow-listed attributes directly on the theorem)", "attribute", code, t.start)
         # `eval% e`, `by_elab% ...`: a word glued to `%` and not followed by an operand
-        # (`n%100`, `a%b` are `mod`) is a term elaborator.
+        # (`n%100`, `a%b` are `mod`) is a term elaborator; the evaluating ones are rejected
+        # even when glued to their argument (Lean reads `eval%x` as `eval% x`).
         if (
             t.kind == "sym" and t.text == "%" and k > 0 and tokens[k - 1].end == t.start and tokens[k - 1].kind == "word"
-            and not (k + 1 < len(tokens) and tokens[k + 1].start == t.end and tokens[k + 1].kind in ("word", "num"))
+            and (
+                tokens[k - 1].text in _EVALUATING_ELABORATORS
+                or not (k + 1 < len(tokens) and tokens[k + 1].start == t.end and tokens[k + 1].kind in ("word", "num"))
+            )
         ):
             raise _reject(what, f"the term elaborator `{tokens[k - 1].text}%`", "elaborator", code, tokens[k - 1].start)
         if t.kind == "word":
