@@ -219,7 +219,7 @@ class DojoEnvironment:
         except UntrustedInputError as e:
             return Verification(False, f"rejected before Lean: {e}")
         try:
-            key, _ = self._dojo_theorem(theorem)
+            key, dojo_theorem = self._dojo_theorem(theorem)
         except EnvironmentStartError as e:
             return Verification(False, str(e))
         statement_text = theorem.statement or str(theorem.metadata.get("statement") or "")
@@ -243,7 +243,7 @@ class DojoEnvironment:
             check = verification_command(statement, texts, fresh_name())
         except (UntrustedInputError, ValueError) as e:
             return Verification(False, f"statement cannot be re-checked: {e}")
-        repo = self.api.LeanGitRepo(key[0], key[1])
+        repo = getattr(dojo_theorem, "repo", None) or self.api.LeanGitRepo(key[0], key[1])
         context = self.api.Dojo((repo, Path(key[2]), int(start[0])), timeout=self.timeout_s, additional_imports=self.additional_imports)
         try:
             dojo, state = self._enter_context(context)
@@ -251,7 +251,7 @@ class DojoEnvironment:
             return Verification(False, f"LeanDojo could not open {key[2]} for re-checking: {type(e).__name__}: {e}")
         try:
             return self._verify_in(dojo, state, check)
-        except (self.api.DojoTacticTimeoutError, self.api.DojoCrashError) as e:
+        except Exception as e:  # noqa: BLE001 - timeouts, crashes, protocol errors: never verified
             return Verification(False, f"LeanDojo failed while re-checking: {type(e).__name__}: {e}")
         finally:
             self._exit_context(context)
