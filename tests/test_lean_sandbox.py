@@ -90,6 +90,30 @@ def test_sandboxed_child_writes_only_its_scratch_dir(tmp_path):
 
 
 @needs_bwrap
+def test_sandboxed_child_has_no_capabilities_and_cannot_remount(tmp_path):
+    # Defect found here: run by root, bwrap kept every capability and `mount -o remount,rw /`
+    # let the child write the host's /etc.
+    target = Path(f"/etc/dco-sandbox-escape-{os.getpid()}")
+    code = f"""
+    import subprocess
+    caps = [l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff")][0]
+    subprocess.run(["mount", "-o", "remount,rw", "/"], capture_output=True)
+    try:
+        open({str(target)!r}, "w").write("x")
+        wrote = True
+    except OSError:
+        wrote = False
+    print(caps, wrote)
+    """
+    try:
+        r = run_child(code, tmp_path)
+        assert r.stdout.split() == ["0000000000000000", "False"], r
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+
+
+@needs_bwrap
 def test_unix_sockets_under_run_and_tmp_are_hidden(tmp_path):
     path = Path(tempfile.mkdtemp(dir="/tmp")) / "svc.sock"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

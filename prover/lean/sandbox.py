@@ -6,6 +6,8 @@ the machine allows it:
 - `--unshare-net`: a private network namespace with only a down loopback: nothing, not even
   127.0.0.1 (the service's own port), is reachable;
 - `--unshare-pid --die-with-parent`: its own PID namespace, killed when its parent dies;
+- `--cap-drop ALL`: no capabilities even when the service runs as root (else the child
+  could remount the read-only root read-write);
 - `--ro-bind / /`: the whole file system read-only (Lean needs its toolchain, the Lake
   project and Mathlib's .olean files), with `--tmpfs /run` and `--tmpfs /tmp` over the
   places that hold other programs' UNIX sockets and scratch files (a socket under a
@@ -66,6 +68,9 @@ def resolve_mode(mode: str | None = None) -> str:
 
 def _bwrap_args(scratch: Path, writable: Sequence[Path], cwd: Path | None) -> list[str]:
     args = [
+        # No capabilities: run by root, bwrap would otherwise leave them all, and the child
+        # could simply remount `/` read-write.
+        "--cap-drop", "ALL",
         "--die-with-parent", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--ro-bind", "/", "/",
         "--dev", "/dev",
