@@ -103,11 +103,16 @@ def test_sandboxed_child_has_no_capabilities_and_cannot_remount(tmp_path):
         wrote = True
     except OSError:
         wrote = False
-    print(caps, wrote)
+    try:
+        open("/proc/sys/kernel/hostname", "w").write("dco")
+        sysctl = True
+    except OSError:
+        sysctl = False
+    print(caps, wrote, sysctl)
     """
     try:
         r = run_child(code, tmp_path)
-        assert r.stdout.split() == ["0000000000000000", "False"], r
+        assert r.stdout.split() == ["0000000000000000", "False", "False"], r
         assert not target.exists()
     finally:
         target.unlink(missing_ok=True)

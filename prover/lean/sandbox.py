@@ -75,6 +75,10 @@ def _bwrap_args(scratch: Path, writable: Sequence[Path], cwd: Path | None) -> li
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
+        # Kernel knobs stay read-only even for a root-owned child (bwrap's own cover of
+        # these is not applied on every kernel).
+        "--ro-bind-try", "/proc/sys", "/proc/sys",
+        "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
         *[x for layer in _MASKED for x in ("--tmpfs", layer)],
     ]
     if cwd is not None:
