@@ -139,6 +139,7 @@ _FORBIDDEN_WORDS: dict[str, str] = {
         )
     },
     **{w: "initialization hook" for w in ("initialize", "builtin_initialize")},
+    **{w: "file-reading elaborator" for w in ("include_str", "include_bytes", "load_file")},
     **{w: "unsafe or foreign-code marker" for w in ("unsafe", "extern", "implemented_by", "export", "partial", "csimp")},
     **{
         w: "declaration other than the theorem"
