@@ -70,7 +70,7 @@ def _lean_checks() -> list[Check]:
                 "" if lake else "run `dco-prover setup-lean` (needs internet: elan, Lean v4.24.0, Mathlib cache)",
             )
         ]
-    return [Check(c.name, c.ok, c.detail, c.how_to_fix) for c in lean_readiness()]
+    return [Check(c.name, c.ok, c.detail, c.how_to_fix) for c in lean_readiness()]  # incl. "Lean sandbox"
 
 
 def _checkpoint_checks(manifest: Path | None) -> list[Check]:

@@ -42,7 +42,23 @@ def strip_proof_stub(statement: str) -> str:
 
 
 def declaration_name(statement: str) -> str:
-    """The declared name of `theorem NAME ...` / `lemma NAME ...`; `example` for examples."""
+    """The declared name of `theorem NAME ...` / `lemma NAME ...`; `example` for examples.
+
+    Read with the untrusted-text lexer (`prover.lean.untrusted.split_statement`), so a
+    preamble (`open ... in`, `namespace`), attributes and comments are understood the way
+    the Lean backends understand them; the regex is the fallback for text it cannot lex.
+    """
+    from prover.lean.untrusted import UntrustedInputError, split_statement
+
+    try:
+        split = split_statement(statement)
+    except UntrustedInputError:
+        split = None
+    if split is not None:
+        if split.kind == "example":
+            return "example"
+        if split.name:
+            return split.name
     match = _DECLARATION.match(statement)
     if match is None:
         raise ValueError(

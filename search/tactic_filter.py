@@ -4,10 +4,18 @@ Every component that decides whether a proposed tactic may reach Lean calls this
 (search, the prover's generators, the service's checks), so the forbidden list has one
 owner.
 
+Forbidden by default: unfinished proofs (`sorry`, `admit`, `stop`, `sorryAx`) and every
+native-evaluation form, which makes the kernel trust compiled code (`native_decide`,
+`decide +native`, `decide (config := {native := true})`, `(config := .native)`,
+`Lean.ofReduceBool`, `Lean.reduceBool`, `Lean.trustCompiler`) or runs it (`plausible`,
+`slim_check`, `polyrith`, `bv_decide`). The Lean backends' screen
+(`prover.lean.untrusted`) and the verifier's axiom audit catch these too; dropping them
+here saves the wasted calls.
+
 Matching is on whole Lean identifiers: a forbidden name matches only where it is not part
 of a longer identifier. `exact sorry`, `sorry`, `(admit)` and `native_decide` are rejected;
 `sorry_lemma`, `my_admit'`, `Foo.sorry` (a different, qualified name) and `admitted` are
-allowed. Identifier characters are Unicode word characters plus `'`, `!`, `?`, and `.`
+allowed; a leading-dot name (`.native`) matches. Identifier characters are Unicode word characters plus `'`, `!`, `?`, and `.`
 joins qualified names. Occurrences inside comments or strings also match: the filter is
 deliberately conservative (a rejected candidate costs nothing, a `sorry` reaching Lean costs
 a wasted call and verification catches it anyway).
@@ -23,7 +31,11 @@ from typing import Iterable, Sequence
 
 from search.types import Candidate
 
-DEFAULT_FORBIDDEN: tuple[str, ...] = ("sorry", "admit", "native_decide")
+DEFAULT_FORBIDDEN: tuple[str, ...] = (
+    "sorry", "admit", "stop", "sorryAx",
+    "native_decide", "native", "ofReduceBool", "Lean.ofReduceBool", "reduceBool", "Lean.reduceBool",
+    "trustCompiler", "Lean.trustCompiler", "plausible", "slim_check", "polyrith", "bv_decide",
+)
 
 # A forbidden entry is a (possibly qualified) identifier: no whitespace, no punctuation
 # other than identifier characters.
@@ -36,7 +48,7 @@ LOGPROB_TOLERANCE = 1e-6
 
 
 class TacticFilter:
-    """Rejects tactics that mention a forbidden identifier (`sorry`, `admit`, `native_decide`).
+    """Rejects tactics that mention a forbidden identifier (default: `DEFAULT_FORBIDDEN`).
 
     Immutable after construction; cheap to share between threads and searches.
     """
@@ -53,9 +65,10 @@ class TacticFilter:
         self.forbidden: tuple[str, ...] = names
         if names:
             alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-            # Not preceded by an identifier char or a `.` (qualified name), not followed by one.
+            # Not preceded by an identifier char or by `<identifier char>.` (a qualified
+            # name's component); a leading-dot shorthand `.native` does match.
             self._pattern: re.Pattern[str] | None = re.compile(
-                rf"(?<![\w'!?.])(?:{alternatives})(?![\w'!?])"
+                rf"(?<![\w'!?])(?<![\w'!?]\.)(?:{alternatives})(?![\w'!?])"
             )
         else:
             self._pattern = None

@@ -20,7 +20,8 @@ Modes:
   commands that only `import`/`open`/`set_option` succeed; other commands and tactics are
   answered from the script: `{"commands": [{"cmd": TEXT, "response": {messages?, sorries?}}],
   "tactics": [{"goals": [..], "tactic": TEXT, "response": {goals, proofStatus, ...}}]}`
-  where each `sorries` entry receives a fresh proof state holding its `goal`.
+  where each `sorries` entry receives a fresh proof state holding its `goal`; `#print axioms`
+  is answered as Lean does over the constants the scripted commands declared (see `Scripted`).
 
 Misbehaviour (K counts requests answered by this process, from 1):
 `--slow S [--slow-on K...] [--slow-once-marker F]` (only the first process that finds no F
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,14 +115,32 @@ class Replay:
 
 
 class Scripted:
-    """Id bookkeeping of the REPL (`cmdStates`/`proofStates` arrays) with scripted outcomes."""
+    """Id bookkeeping of the REPL (`cmdStates`/`proofStates` arrays) with scripted outcomes,
+    and Lean's own answer to `#print axioms` over the constants each environment holds.
+
+    Constants: `script["constants"]` (`{"name", "axioms", "protected"?}`: what the imports
+    hold, e.g. Mathlib's root lemmas) plus every `theorem`/`lemma` a scripted command
+    declares without an error message; its axioms are the entry's `"axioms"` (default
+    none). The full name follows Lean: `_root_.x` is `x`, otherwise the open `namespace`s
+    prefix the declared name. `#print axioms N` resolves N as Lean does - `ns.N` for the
+    current namespace and each enclosing one (innermost first; a `protected` constant is
+    not reachable by its last component alone), then the root `N` - and answers Lean's
+    message: `'FULL' depends on axioms: [a, b]` / `'FULL' does not depend on any axioms`
+    (info, like the REPL) or `unknown constant 'N'` (error). Commands may be matched by
+    `"cmd"` (exact) or `"cmd_regex"` (full match; for texts holding a verifier's fresh name).
+    """
 
     PREAMBLE = ("import ", "open ", "set_option ", "namespace ", "section", "end", "universe ", "variable ")
+    _DECL = re.compile(r"^(?P<mods>(?:@\[[^\]]*\]\s*)?(?:(?:private|protected|noncomputable|nonrec)\s+)*)(?:theorem|lemma)\s+(?P<name>[^\s(:{\[]+)")
 
     def __init__(self, script: dict[str, Any]) -> None:
-        self.commands = {c["cmd"]: c["response"] for c in script.get("commands", [])}
+        self.commands = {c["cmd"]: c for c in script.get("commands", []) if "cmd" in c}
+        self.patterns = [(re.compile(c["cmd_regex"], re.DOTALL), c) for c in script.get("commands", []) if "cmd_regex" in c]
         self.tactics = {(tuple(t["goals"]), t["tactic"]): t["response"] for t in script.get("tactics", [])}
+        self.base_constants = {c["name"]: (tuple(c.get("axioms", [])), bool(c.get("protected"))) for c in script.get("constants", [])}
         self.envs: list[str] = []
+        self.env_namespaces: list[tuple[str, ...]] = []
+        self.env_constants: list[dict[str, tuple[tuple[str, ...], bool]]] = []
         self.proof_states: list[list[str]] = []
 
     def _new_state(self, goals: list[str]) -> int:
@@ -132,6 +152,45 @@ class Scripted:
         if "sorries" in resp:
             out["sorries"] = [dict(s, proofState=self._new_state([s["goal"]])) for s in resp["sorries"]]
         return out
+
+    def _scope(self, env: int | None) -> tuple[tuple[str, ...], dict[str, tuple[tuple[str, ...], bool]]]:
+        if env is None:
+            return (), dict(self.base_constants)
+        return self.env_namespaces[env], dict(self.env_constants[env])
+
+    def _elaborate(self, cmd: str, env: int | None, axioms: tuple[str, ...], ok: bool) -> tuple[tuple[str, ...], dict]:
+        """The namespace stack and constants after `cmd` (line-based, like our commands)."""
+        ns, consts = self._scope(env)
+        ns = list(ns)
+        for line in cmd.splitlines():
+            words = line.split()
+            if words[:1] == ["namespace"] and len(words) > 1:
+                ns.extend(words[1].split("."))
+            elif words[:1] == ["end"] and len(words) > 1:
+                del ns[len(ns) - len(words[1].split(".")):]
+            m = self._DECL.match(line.strip())
+            if m and ok:
+                name = m.group("name")
+                full = name[len("_root_."):] if name.startswith("_root_.") else ".".join([*ns, name])
+                consts[full] = (axioms, "protected" in m.group("mods"))
+        return tuple(ns), consts
+
+    def _print_axioms(self, query: str, env: int | None) -> dict[str, Any]:
+        ns, consts = self._scope(env)
+        pos, end = {"line": 1, "column": 0}, {"line": 1, "column": 13}
+        candidates = [".".join([*ns[:k], query]) for k in range(len(ns), 0, -1)]
+        found = None
+        for c in candidates:
+            if c in consts and not (consts[c][1] and "." not in query):
+                found = c
+                break
+        if found is None and query.removeprefix("_root_.") in consts:
+            found = query.removeprefix("_root_.")
+        if found is None:
+            return {"messages": [{"severity": "error", "pos": pos, "endPos": end, "data": f"unknown constant '{query}'"}]}
+        axioms = sorted(set(consts[found][0]))
+        data = f"'{found}' depends on axioms: [{', '.join(axioms)}]" if axioms else f"'{found}' does not depend on any axioms"
+        return {"messages": [{"severity": "info", "pos": pos, "endPos": end, "data": data}]}
 
     def answer(self, req: Any) -> str:
         if not isinstance(req, dict):
@@ -154,19 +213,30 @@ class Scripted:
         if "unpickleEnvFrom" in req:
             saved = json.loads(Path(req["unpickleEnvFrom"]).read_text(encoding="utf-8"))
             self.envs.append(saved["cmd"])
+            self.env_namespaces.append(())
+            self.env_constants.append(dict(self.base_constants))
             return json.dumps({"env": len(self.envs) - 1})
         if "cmd" in req:
             env = req.get("env")
             if env is not None and not (isinstance(env, int) and 0 <= env < len(self.envs)):
                 return json.dumps({"message": "Unknown environment."})
             cmd = req["cmd"]
-            if cmd in self.commands:
-                out = self._with_sorries(self.commands[cmd])
+            entry = self.commands.get(cmd) or next((c for rx, c in self.patterns if rx.fullmatch(cmd)), None)
+            axioms: tuple[str, ...] = ()
+            if cmd.startswith("#print axioms ") and entry is None:
+                out = self._print_axioms(cmd[len("#print axioms "):].strip(), env)
+            elif entry is not None:
+                out = self._with_sorries(entry["response"])
+                axioms = tuple(entry.get("axioms", ()))
             elif all(not line.strip() or line.strip().startswith(self.PREAMBLE) for line in cmd.splitlines()):
                 out = {}
             else:
                 return json.dumps({"message": f"fake_repl: no scripted answer for command {cmd[:200]!r}"})
+            ok = not any(m.get("severity") == "error" for m in out.get("messages", []))
+            ns, consts = self._elaborate(cmd, env, axioms, ok)
             self.envs.append(cmd)
+            self.env_namespaces.append(ns)
+            self.env_constants.append(consts)
             out["env"] = len(self.envs) - 1
             return json.dumps(out, ensure_ascii=False, indent=1)
         return json.dumps({"message": "fake_repl: unsupported request"})

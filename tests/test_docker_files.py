@@ -49,6 +49,7 @@ def test_dockerfile_structure(name):
     assert all(i > last_user for i, (kw, _) in enumerate(steps) if kw in ("CMD", "ENTRYPOINT"))
     runs = " ".join(args for kw, args in steps if kw == "RUN")
     assert "python3.11" in runs
+    assert "bubblewrap" in runs  # the Lean sandbox (prover.lean.sandbox)
     for kw, args in steps:
         if kw == "COPY":
             sources = [s for s in args.split() if not s.startswith("--")][:-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -77,6 +78,12 @@ class DojoTheorem:
     full_name: str
 
 
+@dataclass(frozen=True)
+class CommandState:
+    id: int
+    message: Optional[str] = field(default=None, compare=False)
+
+
 class Behaviour:
     """Scripted faults shared by every Dojo the double creates (counts across restarts)."""
 
@@ -85,6 +92,14 @@ class Behaviour:
         self.oom_tactics: set[str] = set()
         self.entered = 0
         self.exited = 0
+        self.proof_axioms = ["propext", "Classical.choice", "Quot.sound"]  # what the checked proof uses
+        self.fail_enter_with_process: list[Any] = []  # (Popen, temp file) left by a failed __enter__
+        self.fail_enter = False
+        self.commands: list[str] = []
+        self.sources: dict[str, str] = {}  # file_path -> text of the traced file
+
+    def read_source(self, url: str, commit: str, file_path: str) -> Optional[str]:
+        return self.sources.get(file_path)
 
 
 def make_dojo_class(behaviour: Behaviour) -> type:
@@ -94,7 +109,23 @@ def make_dojo_class(behaviour: Behaviour) -> type:
             self.broken = False
             self.next_id = 0
 
-        def __enter__(self) -> tuple["FakeDojo", TacticState]:
+        def __enter__(self) -> tuple["FakeDojo", Any]:
+            if behaviour.fail_enter:
+                # Like LeanDojo: the modified file and the Lean process exist before the
+                # first read fails, and `__exit__` is never called for a failed `__enter__`.
+                import subprocess, sys, tempfile
+                self.modified_file = tempfile.NamedTemporaryFile("wt", suffix=".lean", delete=False)
+                self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+                behaviour.fail_enter_with_process.append((self.proc, self.modified_file.name))
+                raise DojoInitError("Unexpected EOF")
+            if isinstance(self.theorem, tuple):  # command mode: the environment before the theorem
+                repo, path, line = self.theorem
+                self.record = next((t for t in BENCH if t["file_path"] == str(path) and t["start"][0] == line), None)
+                if self.record is None:
+                    raise DojoInitError(f"no theorem at {path}:{line}")
+                self.declared: dict[str, list[str]] = {}
+                behaviour.entered += 1
+                return self, CommandState(0)
             rec = next((t for t in BENCH if t["full_name"] == self.theorem.full_name
                         and t["file_path"] == str(self.theorem.file_path)), None)
             if rec is None or not rec["traced_tactics"]:
@@ -109,6 +140,26 @@ def make_dojo_class(behaviour: Behaviour) -> type:
         def _state(self, pp: str) -> TacticState:
             self.next_id += 1
             return TacticState(pp, self.next_id - 1)
+
+        def run_cmd(self, state: CommandState, command: str) -> Any:
+            """A proof command is accepted when its tactics are the recorded proof; the
+            declared constant then holds `behaviour.proof_axioms`. `#print axioms N` answers
+            as Lean does for the declared constants."""
+            import re
+            behaviour.commands.append(command)
+            if command.startswith("#print axioms "):
+                n = command[len("#print axioms "):].strip()
+                if n not in self.declared:
+                    return LeanError(f"unknown constant '{n}'")
+                axioms = sorted(self.declared[n])
+                data = f"'{n}' depends on axioms: [{', '.join(axioms)}]" if axioms else f"'{n}' does not depend on any axioms"
+                return CommandState(state.id + 1, data)
+            m = re.search(r"theorem (\S+) .*?:= by\n(.*)", command, re.DOTALL)
+            lines = [line.strip() for line in m.group(2).splitlines()] if m else []
+            if lines != [tt["tactic"] for tt in self.record["traced_tactics"]]:
+                return LeanError("unsolved goals")
+            self.declared[m.group(1)] = list(behaviour.proof_axioms)
+            return CommandState(state.id + 1, "")
 
         def run_tac(self, state: TacticState, tactic: str) -> Any:
             if self.broken:
@@ -141,6 +192,7 @@ def fake_api(behaviour: Behaviour) -> DojoApi:
         Dojo=make_dojo_class(behaviour), Theorem=DojoTheorem, LeanGitRepo=LeanGitRepo, TacticState=TacticState,
         ProofFinished=ProofFinished, LeanError=LeanError, ProofGivenUp=ProofGivenUp, DojoInitError=DojoInitError,
         DojoTacticTimeoutError=DojoTacticTimeoutError, DojoCrashError=DojoCrashError, check_proof=check_proof,
+        CommandState=CommandState, read_source=behaviour.read_source,
     )
 
 
@@ -153,8 +205,9 @@ def linear(rec: dict) -> bool:
 CHAINS = [t for t in TRACED if linear(t) and len(t["traced_tactics"]) >= 2]
 
 
-def as_theorem(rec: dict) -> Theorem:
-    return Theorem(rec["full_name"], metadata={k: rec[k] for k in ("url", "commit", "file_path", "full_name")})
+def as_theorem(rec: dict, statement: str = "") -> Theorem:
+    return Theorem(rec["full_name"], metadata={k: rec[k] for k in ("url", "commit", "file_path", "full_name", "start")},
+                   statement=statement)
 
 
 @pytest.fixture
@@ -254,17 +307,65 @@ def test_start_errors_name_the_problem(env):
     assert root.pp == CHAINS[0]["traced_tactics"][0]["state_before"]
 
 
-def test_verify_recompiles_and_screens(env):
+def test_verify_audits_axioms_of_a_fresh_constant(env, behaviour):
     rec = CHAINS[0]
-    theorem = as_theorem(rec)
+    theorem = as_theorem(rec, statement=f"theorem {rec['full_name']} (p : Prop) (hp : p) : p := by")
     proof = [tt["tactic"] for tt in rec["traced_tactics"]]
     ok = env.verify(theorem, proof)
-    assert ok.ok and "axioms not audited" in ok.message
+    assert ok.ok and "axioms: Classical.choice, Quot.sound, propext" in ok.message, ok
+    command, audit = behaviour.commands[-2:]
+    declared = command.split("theorem ")[1].split()[0]
+    assert re.fullmatch(r"(\w+\.)*dco_verify_[0-9a-f]{32}", declared), declared
+    assert audit == "#print axioms " + declared
     assert not env.verify(theorem, proof[:-1]).ok
-    assert "sorry" in env.verify(theorem, ["sorry"]).message
+    for bad in (["propext", "Lean.ofReduceBool"], ["sorryAx"], ["Lean.trustCompiler"]):
+        behaviour.proof_axioms = bad
+        v = env.verify(theorem, proof)
+        assert not v.ok and "disallowed axioms" in v.message, v
+
+
+def test_verify_screens_like_the_repl_and_never_verifies_unaudited(env):
+    rec = CHAINS[0]
+    theorem = as_theorem(rec, statement=f"theorem {rec['full_name']} : True := by")
+    proof = [tt["tactic"] for tt in rec["traced_tactics"]]
+    assert "rejected before Lean" in env.verify(theorem, ["exact h\n#eval 1"]).message
+    assert "native" in env.verify(theorem, ["decide +native"]).message
     assert "native_decide" in env.verify(theorem, ["native_decide"]).message
-    assert "rejected" in env.verify(theorem, ["exact h\n#eval 1"]).message
+    no_statement = env.verify(as_theorem(rec), proof)  # the old path: recompiled, "axioms not audited"
+    assert not no_statement.ok and "audit" in no_statement.message and "not verified" in no_statement.message
     assert not env.verify(Theorem("x"), proof).ok
+
+
+def test_verify_reads_the_statement_from_the_traced_file(env, behaviour):
+    rec = CHAINS[0]
+    line = rec["start"][0]
+    lines = ["import Mathlib", "namespace Demo"] + ["-- filler"] * (line - 4) + [
+        "/-- doc -/", f"@[simp, to_additive \"x := y\"] theorem {rec['full_name']} (n : ℕ) :", "    n = n := by", "  rfl"]
+    behaviour.sources[rec["file_path"]] = "\n".join(lines)
+    v = env.verify(as_theorem(rec), [tt["tactic"] for tt in rec["traced_tactics"]])
+    assert v.ok, v
+    command = behaviour.commands[-2]
+    assert "(n : ℕ) :\n    n = n := by\n" in command and "to_additive" not in command
+
+
+def test_apply_screens_and_sends_the_screened_text(env):
+    root = env.start(as_theorem(CHAINS[0]))
+    bad = env.apply(root, "native_decide")
+    assert isinstance(bad, Failed) and bad.kind == FailureKind.LEAN_ERROR and "native_decide" in bad.message
+    first = CHAINS[0]["traced_tactics"][0]["tactic"]
+    assert isinstance(env.apply(root, first + " -- a comment"), (Progress, Proved))  # comment blanked before sending
+
+
+def test_failed_dojo_enter_leaves_no_process_or_temp_file(env, behaviour):
+    behaviour.fail_enter = True
+    with pytest.raises(EnvironmentStartError, match="Unexpected EOF"):
+        env.start(as_theorem(CHAINS[0]))
+    v = env.verify(as_theorem(CHAINS[0], statement="theorem t : True := by"), ["trivial"])
+    assert not v.ok and "could not open" in v.message
+    assert len(behaviour.fail_enter_with_process) == 2
+    for proc, path in behaviour.fail_enter_with_process:
+        assert proc.wait(timeout=5) is not None
+        assert not os.path.exists(path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lean_dojo") is not None, reason="lean_dojo is installed here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def cfg(tmp_path) -> ReplConfig:
     script = tmp_path / "script.json"
     script.write_text(json.dumps({}), encoding="utf-8")
-    return ReplConfig(command=fake_repl.fake_command("--script", script), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.1)
+    return ReplConfig(command=fake_repl.fake_command("--script", script), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.1,
+                      sandbox_writable=(Path(tempfile.gettempdir()),))
 
 
 def test_header_key_ignores_order_duplicates_comments_and_the_body():
@@ -136,7 +138,7 @@ import fake_repl
 from prover.lean.pool import ReplPool
 from prover.lean.process import ReplConfig
 cmd = fake_repl.fake_command("--script", {str(script)!r}, "--pid-log", {str(pid_log)!r}, "--child-pid-file", {str(child_file)!r})
-pool = ReplPool(ReplConfig(command=cmd, cwd={str(ROOT)!r}, memory_limit_mb=1024), max_size=1)
+pool = ReplPool(ReplConfig(command=cmd, cwd={str(ROOT)!r}, memory_limit_mb=1024, sandbox="off"), max_size=1)
 with pool.lease("import Mathlib") as lease:
     lease.process.header_env("open Real")
 print("leaving without close()")

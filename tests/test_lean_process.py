@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(*flags: object, **overrides) -> ReplConfig:
-    base = dict(command=fake_repl.fake_command(*flags), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.2)
+    # Unsandboxed: these tests check host pids and process groups (tests/test_lean_sandbox.py
+    # covers the sandbox).
+    base = dict(command=fake_repl.fake_command(*flags), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.2, sandbox="off")
     base.update(overrides)
     return ReplConfig(**base)
 

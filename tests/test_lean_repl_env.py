@@ -4,6 +4,8 @@ plus a scripted REPL for flows the recordings do not contain (complete-proof ver
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,9 @@ def recorded(session: str, index: int) -> dict:
 
 
 def env_for(*flags: object, rebuild: bool = True, **overrides) -> ReplEnvironment:
-    cfg = dict(command=fake_repl.fake_command(*flags), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.1)
+    # Sandboxed where bwrap works (prover.lean.sandbox); scripts and logs live under the temp dir.
+    cfg = dict(command=fake_repl.fake_command(*flags), cwd=ROOT, memory_limit_mb=1024, close_grace_s=0.1,
+               sandbox_writable=(Path(tempfile.gettempdir()),))
     cfg.update(overrides)
     return ReplEnvironment(ReplConfig(**cfg), max_processes=2, rebuild_stale_states=rebuild)
 
@@ -114,64 +118,118 @@ def test_recorded_elaboration_error_is_a_lean_error():
         assert result.message == "Unknown identifier `my_fake_premise`"
 
 
-def test_recorded_failed_proof_is_not_verified():
-    with env_for() as env:
-        v = env.verify(Theorem("foo", "theorem foo (x : Int) : x = x := by"), ["have h : x = 1 := by sorry"])
+def test_recorded_failed_proof_is_not_verified(tmp_path):
+    # Lean's recorded answer to this proof (core/have_by_sorry), given to the renamed command.
+    theorem, tactics = Theorem("foo", "theorem foo (x : Int) : x = x := by"), ["have h : x = 1 := by sorry"]
+    assert SESSIONS["core/have_by_sorry"][0][0] == {"cmd": "theorem foo (x : Int) : x = x := by\n  have h : x = 1 := by sorry"}
+    script = _verify_script(theorem, tactics, recorded("core/have_by_sorry", 0), [])
+    with scripted_env(tmp_path, script) as env:
+        v = env.verify(theorem, tactics)
         assert not v.ok and "unsolved goals" in v.message
 
 
-def _axioms_response(name: str, axioms: list[str] | None) -> dict:
-    data = f"'{name}' does not depend on any axioms" if axioms is None else f"'{name}' depends on axioms: [{', '.join(axioms)}]"
-    return {"messages": [{"severity": "info", "pos": {"line": 1, "column": 0}, "endPos": {"line": 1, "column": 13}, "data": data}]}
+FRESH = r"dco_verify_[0-9a-f]{32}"
 
 
-def _verify_script(command: str, name: str, proof_response: dict, axioms: list[str] | None) -> dict:
-    return {"commands": [{"cmd": command, "response": proof_response},
-                         {"cmd": f"#print axioms {name}", "response": _axioms_response(name, axioms)}]}
-
-
-COMMAND = ("theorem complex_and (p q r : Prop) (h1 : p ∧ q) (h2 : q → r) : p ∧ r := by\n"
-           "  apply And.intro\n  exact h1.left\n  apply h2\n  exact h1.right")
+def _verify_script(theorem: Theorem, tactics: list[str], proof_response: dict, axioms: list[str],
+                   constants: list[dict] | None = None) -> dict:
+    """A script whose proof command (any fresh name) gets `proof_response`; the declared
+    constant holds `axioms`, which the fake's `#print axioms` reports as Lean does."""
+    command, name = proof_command(check_statement(theorem.statement), tactics, name="NAME")
+    pattern = re.escape(command).replace("NAME", FRESH)
+    return {"commands": [{"cmd_regex": pattern, "response": proof_response, "axioms": axioms}],
+            "constants": constants or []}
 
 
 @pytest.mark.parametrize(
     "proof_response, axioms, ok, message",
     [
-        ({}, None, True, "verified; axioms: none"),
+        ({}, [], True, "verified; axioms: none"),
         ({}, ["propext", "Classical.choice", "Quot.sound"], True, "verified; axioms: Classical.choice, Quot.sound, propext"),
         ({}, ["propext", "sorryAx"], False, "disallowed axioms: sorryAx"),
         ({}, ["Lean.ofReduceBool"], False, "disallowed axioms: Lean.ofReduceBool"),
+        ({}, ["propext", "Lean.trustCompiler"], False, "disallowed axioms: Lean.trustCompiler"),
+        ({}, ["my_axiom"], False, "disallowed axioms: my_axiom"),
         ({"messages": [{"severity": "warning", "pos": {"line": 1, "column": 8}, "endPos": {"line": 1, "column": 19},
                         "data": "declaration uses `sorry`"}]}, ["sorryAx"], False, "uses `sorry`"),
         ({"messages": [{"severity": "error", "pos": {"line": 3, "column": 2}, "endPos": {"line": 3, "column": 7},
-                        "data": "type mismatch"}]}, None, False, "Lean reported errors: type mismatch"),
+                        "data": "type mismatch"}]}, [], False, "Lean reported errors: type mismatch"),
     ],
 )
 def test_verification_accepts_only_clean_proofs(tmp_path, proof_response, axioms, ok, message):
-    with scripted_env(tmp_path, _verify_script(COMMAND, "complex_and", proof_response, axioms)) as env:
+    with scripted_env(tmp_path, _verify_script(COMPLEX_AND, COMPLEX_AND_PROOF, proof_response, axioms)) as env:
         v = env.verify(COMPLEX_AND, COMPLEX_AND_PROOF)
         assert v.ok is ok and message in v.message, v
+
+
+PROTECTED = Theorem("Nat.lt_irrefl'", "namespace Nat\nprotected theorem lt_irrefl' (n : ℕ) : ¬n < n := by", header="import Mathlib")
+
+
+def test_protected_declaration_cannot_point_the_audit_at_another_constant(tmp_path):
+    """Defect: `#print axioms lt_irrefl'` inside `namespace Nat` skips the protected
+    `Nat.lt_irrefl'` and audits a root `lt_irrefl'` (clean); the proof itself used
+    `Lean.ofReduceBool`. The verifier now audits its own fresh constant."""
+    root_lemma = [{"name": "lt_irrefl'", "axioms": []}]
+    script = _verify_script(PROTECTED, ["decide"], {}, ["propext", "Lean.ofReduceBool"], constants=root_lemma)
+    # What the previous verifier sent, answered the way Lean answers it:
+    script["commands"].append({"cmd": "namespace Nat\nprotected theorem lt_irrefl' (n : ℕ) : ¬n < n := by\n  decide",
+                               "response": {}, "axioms": ["propext", "Lean.ofReduceBool"]})
+    log = tmp_path / "requests.jsonl"
+    with scripted_env(tmp_path, script, "--request-log", log) as env:
+        v = env.verify(PROTECTED, ["decide"])
+    assert not v.ok and "disallowed axioms: Lean.ofReduceBool" in v.message, v
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    command, audit = sent[-2]["cmd"], sent[-1]["cmd"]
+    name = re.fullmatch(r"#print axioms (" + FRESH + ")", audit).group(1)
+    assert command == f"namespace Nat\ntheorem {name} (n : ℕ) : ¬n < n := by\n  decide"
+
+
+def test_the_report_must_name_the_fresh_constant(tmp_path):
+    from prover.lean.verification import audit_axioms
+
+    fresh = "dco_verify_" + "0" * 32
+    assert audit_axioms([f"'Nat.{fresh}' depends on axioms: [propext]"], fresh).ok
+    assert audit_axioms([f"'{fresh}' does not depend on any axioms"], fresh).ok
+    for bad in ([f"'lt_irrefl' does not depend on any axioms"], [f"'x{fresh}' does not depend on any axioms"],
+                [f"'{fresh}' does not depend on any axioms", f"'{fresh}' does not depend on any axioms"], [],
+                [f"'{fresh}' depends on axioms: [propext] trailing"], [f"'{fresh}' depends on axioms: [Lean.ofReduceBool]"]):
+        assert not audit_axioms(bad, fresh).ok, bad
+
+
+def test_fresh_name_differs_per_verification_and_statement_meaning_is_kept():
+    stmt = check_statement("open Real\nnamespace A\n@[simp] private theorem B.c (x : ℝ) : x = x := by sorry")
+    c1, n1 = proof_command(stmt, ["rfl"])
+    c2, n2 = proof_command(stmt, ["rfl"])
+    assert n1 != n2 and re.fullmatch(FRESH, n1)
+    assert c1 == f"open Real\nnamespace A\ntheorem B.{n1} (x : ℝ) : x = x := by\n  rfl"
+    assert "@[simp]" not in c1 and "private" not in c1
+    # `open ... in` still applies to the declaration; a dotted «name» component stays one component
+    c3, n3 = proof_command(check_statement("open Foo in\ntheorem Foo.«a.b» : True := by"), ["trivial"])
+    assert c3 == f"open Foo in\ntheorem Foo.{n3} : True := by\n  trivial"
+    from prover.lean.verification import verification_command
+    check = verification_command(check_statement("theorem _root_.«x.y».z : True := by"), ["trivial"], n3)
+    assert check.text.startswith(f"theorem _root_.«x.y».{n3} :") and check.query == f"«x.y».{n3}"
 
 
 def test_example_is_renamed_so_its_axioms_can_be_printed(tmp_path):
     theorem = Theorem("ex", "example (p : Prop) (h : p) : p := by sorry", header="import Mathlib\nopen Real")
     command, name = proof_command(check_statement(theorem.statement), ["exact h"])
     assert command.startswith(f"theorem {name} (p : Prop)") and command.endswith(":= by\n  exact h")
-    with scripted_env(tmp_path, _verify_script(command, name, {}, ["propext"])) as env:
+    with scripted_env(tmp_path, _verify_script(theorem, ["exact h"], {}, ["propext"])) as env:
         assert env.verify(theorem, ["exact h"]).ok
 
 
 def test_multiline_tactics_are_indented_as_one_block():
     stmt = check_statement("theorem t (x : Int) : x = x := by")
-    command, _ = proof_command(stmt, ["have h : x = x := by\n    rfl", "  exact h"])
-    assert command == "theorem t (x : Int) : x = x := by\n  have h : x = x := by\n      rfl\n  exact h"
+    command, name = proof_command(stmt, ["have h : x = x := by\n    rfl", "  exact h"])
+    assert command == f"theorem {name} (x : Int) : x = x := by\n  have h : x = x := by\n      rfl\n  exact h"
 
 
 def test_injected_commands_are_rejected_before_lean(tmp_path):
     log = tmp_path / "requests.jsonl"
     with scripted_env(tmp_path, {}, "--request-log", log) as env:
         v = env.verify(COMPLEX_AND, ["apply And.intro\n#eval 1"])
-        assert not v.ok and "tactic 1 rejected" in v.message and "#eval" in v.message
+        assert not v.ok and "tactic 1" in v.message and "#eval" in v.message and "2:0" in v.message
         with pytest.raises(EnvironmentStartError, match="rejected"):
             env.start(Theorem("t", "#eval 1\ntheorem t : True := by sorry"))
         with pytest.raises(EnvironmentStartError, match="outside the allowed roots"):
@@ -241,3 +299,17 @@ def test_crash_or_garbage_is_a_crash_of_that_tactic_only(flag):
         assert isinstance(broken, Failed) and broken.kind == FailureKind.CRASH
         fresh = env.start(COMPLEX_AND)
         assert isinstance(env.apply(fresh, "apply And.intro"), Progress)
+
+
+AUDIT_CASES = json.loads((ROOT / "tests/data/lean_audit/cases.json").read_text(encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("case", AUDIT_CASES, ids=[c["id"] for c in AUDIT_CASES])
+def test_axiom_audit_cases_end_to_end(tmp_path, case):
+    theorem = Theorem("t", case["statement"], header="import Mathlib")
+    response = {"messages": case["proof_messages"]} if "proof_messages" in case else {}
+    script = _verify_script(theorem, case["tactics"], response, case["proof_axioms"], constants=case.get("constants"))
+    with scripted_env(tmp_path, script) as env:
+        v = env.verify(theorem, case["tactics"])
+    ok, fragment = case["expect"]
+    assert v.ok is ok and fragment in v.message, v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,15 @@ from prover.lean.untrusted import (
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = [json.loads(line) for line in (ROOT / "tests/data/hostile_statements/hostile.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
 MINIF2F = [json.loads(line) for line in (ROOT / "prover/resources/minif2f/minif2f.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
+ACCEPTED = [json.loads(line) for line in (ROOT / "tests/data/hostile_statements/accepted.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
 CHECK = {"statement": check_statement, "header": check_header, "tactic": check_tactic}
 
 
 def test_hostile_corpus_is_large_and_varied():
-    assert len(HOSTILE) >= 40
+    assert len(HOSTILE) + len(ACCEPTED) >= 150 and len(ACCEPTED) >= 40
+    assert sum(a["source"].startswith("miniF2F") and a["kind"] == "statement" for a in ACCEPTED) >= 20
+    assert len({h["id"] for h in HOSTILE + ACCEPTED}) == len(HOSTILE) + len(ACCEPTED)
+    assert {a["kind"] for a in ACCEPTED} == {"statement", "header", "tactic"}
     assert len({h["id"] for h in HOSTILE}) == len(HOSTILE)
     assert {h["kind"] for h in HOSTILE} == {"statement", "header", "tactic"}
     assert sum(h["kind"] == "statement" for h in HOSTILE) >= 40
@@ -34,6 +39,22 @@ def test_every_hostile_input_is_rejected_naming_what_was_found(case):
     with pytest.raises(UntrustedInputError) as info:
         CHECK[case["kind"]](case["text"])
     assert case["reason"] in str(info.value)
+    # Every rejection names its rule, and the position where there is one.
+    assert info.value.rule and f"rule `{info.value.rule}`" in str(info.value)
+    if info.value.position is not None:
+        assert re.fullmatch(r"\d+:\d+", info.value.position) and f" at {info.value.position}:" in str(info.value)
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=[a["id"] for a in ACCEPTED])
+def test_every_accepted_input_passes(case):
+    checked = CHECK[case["kind"]](case["text"])
+    assert checked.text.strip()
+
+
+def test_positions_are_line_and_column():
+    with pytest.raises(UntrustedInputError) as info:
+        check_statement("theorem t (n : ℕ)\n    (h : (by native_decide : 1 < 2)) : True := by")
+    assert info.value.rule == "forbidden-word" and info.value.position == "2:13"
 
 
 def test_all_minif2f_statements_and_their_header_are_accepted():
@@ -45,7 +66,9 @@ def test_all_minif2f_statements_and_their_header_are_accepted():
         assert checked.text == row["formal_statement"].rstrip()[: -len(":= by")].rstrip()
     header = check_header(MINIF2F[0]["header"])
     assert header.imports == ("Mathlib", "Aesop")
-    assert header.body == "set_option maxHeartbeats 0\n\nopen BigOperators Real Nat Topology Rat"
+    # "unlimited" is lowered to the cap (named in `adjusted`); everything else is kept.
+    assert header.body == "set_option maxHeartbeats 10000000\n\nopen BigOperators Real Nat Topology Rat"
+    assert header.adjusted and "lowered to 10000000" in header.adjusted[0]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,17 @@ from search.types import Candidate
         "exact foo\n  sorry",
         "first | rfl | sorry",
         "exact (sorry : False)",
+        "stop",
+        "constructor\n  stop\n  simp",
+        "exact sorryAx _ false",
+        "decide +native",
+        "decide (config := {native := true})",
+        "decide (config := .native)",
+        "exact Lean.ofReduceBool _ _ rfl",
+        "exact ofReduceBool _ _ rfl",
+        "exact Lean.trustCompiler",
+        "plausible",
+        "bv_decide",
     ],
 )
 def test_forbidden_identifiers_are_rejected(tactic: str) -> None:
@@ -51,6 +62,9 @@ def test_forbidden_identifiers_are_rejected(tactic: str) -> None:
         "simp [native_decide_lemma]",
         "exact unsorry",
         "rfl",
+        "exact stop_lemma",
+        "exact Foo.native",
+        "exact h.stop",
     ],
 )
 def test_longer_identifiers_are_allowed(tactic: str) -> None:

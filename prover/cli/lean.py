@@ -113,6 +113,29 @@ def _smoke_test(project: Path, timeout_s: float) -> None:
     typer.echo(f"  smoke test passed in {time.monotonic() - started:.0f} s ({verification.message})")
 
 
+def _install_sandbox() -> None:
+    """bubblewrap sandboxes the Lean processes (prover.lean.sandbox): installed with apt-get
+    when running as root on Debian/Ubuntu and missing; otherwise the command to run is shown."""
+    if shutil.which("bwrap"):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        typer.echo("Installing bubblewrap (the Lean sandbox) ...")
+        done = subprocess.run([apt, "install", "-y", "bubblewrap"], capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run([apt, "update"], capture_output=True, text=True)
+            done = subprocess.run([apt, "install", "-y", "bubblewrap"], capture_output=True, text=True)
+        if done.returncode == 0 and shutil.which("bwrap"):
+            return
+        typer.secho(f"could not install bubblewrap: {done.stderr.strip()[-300:]}", fg=typer.colors.YELLOW, err=True)
+    typer.secho(
+        "bubblewrap is missing: Lean will run UNSANDBOXED. Install it with `sudo apt-get install -y bubblewrap` "
+        "(or set DCO_LEAN_SANDBOX=require to refuse to run Lean without it).",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
+
+
 def setup_lean_command(
     project: Optional[Path] = typer.Option(None, help="Lake project directory (default: lean_project/)."),
     skip_network_check: bool = typer.Option(False, help="Do not probe the download hosts first."),
@@ -145,6 +168,7 @@ def setup_lean_command(
             )
             raise typer.Exit(2)
 
+    _install_sandbox()
     env = dict(os.environ)
     env["PATH"] = f"{elan_home() / 'bin'}{os.pathsep}{env.get('PATH', '')}"
 

@@ -69,6 +69,14 @@ def prove_command(
         raise fail("give either --statement or --benchmark/--name, not both")
     try:
         if statement is not None:
+            from prover.lean.untrusted import UntrustedInputError, check_header, check_statement
+
+            try:  # the Lean backends' screen, up front: bad input is exit 2 naming the rule
+                check_statement(statement)
+                if header:
+                    check_header(header)
+            except UntrustedInputError as err:
+                raise fail(str(err)) from err
             theorem = theorem_from_statement(statement, header=header)
             source_is_leandojo = False
         elif name is not None:

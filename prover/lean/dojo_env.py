@@ -11,9 +11,21 @@ Mapping of `Dojo.run_tac` results: `TacticState` -> `Progress` (pp = `TacticStat
 Dojo is rebuilt by replaying its tactic path in the new Dojo (or `Failed(CRASH)` if that
 is disabled or fails).
 
-`verify` uses `lean_dojo.check_proof`, which recompiles the theorem's file with the proof:
-it checks errors and `sorry` but cannot print axioms, so tactics naming `sorry`, `admit`
-or `native_decide` are rejected up front and the message says axioms were not audited.
+Tactics are screened by `prover.lean.untrusted` exactly as the REPL backend screens them
+(`check_tactic` in `apply`, `screen_tactics` in `verify`), and what is sent is the screened
+text (comments blanked).
+
+`verify` runs the same check as the REPL backend: a command-mode Dojo at the theorem's line
+of its file (`Dojo((repo, file_path, line))`, the environment just before the theorem)
+elaborates the theorem under a fresh name with the proof (`verification_command`), then
+`#print axioms <fresh>`, whose answer goes through the shared `audit_axioms`. It needs
+`metadata["start"]` and the statement: `Theorem.statement` / `metadata["statement"]`
+(screened like any untrusted statement) or, for benchmark theorems, the declaration's text
+in LeanDojo's traced copy of the file up to the proof's `:=` (`statement_from_source`).
+Without them it fails: an unaudited proof is never reported verified.
+
+A Dojo whose `__enter__` fails leaves LeanDojo's Lean process and modified temp file
+behind; `_enter_context` kills the process tree and removes the file.
 
 `DISABLE_REMOTE_CACHE` is set (unless `offline=False`) *before* `lean_dojo` is imported:
 LeanDojo reads it at import time, and without it the remote-cache probe fails offline.
@@ -28,7 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from prover.lean.untrusted import UntrustedInputError, check_tactic
+import psutil
+
+from prover.lean.untrusted import (
+    UntrustedInputError,
+    check_statement,
+    check_tactic,
+    screen_tactics,
+    split_statement,
+    statement_from_source,
+)
+from prover.lean.verification import audit_axioms, fresh_name, verification_command
 from search.types import (
     EnvironmentStartError,
     Failed,
@@ -43,7 +65,9 @@ from search.types import (
 
 __all__ = ["DojoEnvironment", "DojoApi", "DojoHandle", "LeanDojoUnavailable", "load_lean_dojo"]
 
-_UNAUDITABLE = re.compile(r"(?<![A-Za-z0-9_.'])(sorry|admit|native_decide)(?![A-Za-z0-9_'!?])")
+_SORRY_WARNING = re.compile(r"declaration uses ['`]sorry['`]")
+# `file:line:col: info: ` in front of a message printed by `lean` (dropped before the audit).
+_MESSAGE_PREFIX = re.compile(r"^\S*:\d+:\d+:\s*(?:info|information):\s*")
 
 
 class LeanDojoUnavailable(ImportError):
@@ -65,6 +89,8 @@ class DojoApi:
     DojoTacticTimeoutError: Any
     DojoCrashError: Any
     check_proof: Any
+    CommandState: Any = None
+    read_source: Any = None  # (url, commit, file_path) -> the traced file's text, or None
 
 
 def load_lean_dojo(offline: bool = True) -> DojoApi:
@@ -90,7 +116,24 @@ def load_lean_dojo(offline: bool = True) -> DojoApi:
         DojoTacticTimeoutError=ld.DojoTacticTimeoutError,
         DojoCrashError=ld.DojoCrashError,
         check_proof=ld.check_proof,
+        CommandState=getattr(ld, "CommandState", None),
+        read_source=_traced_source_reader(ld),
     )
+
+
+def _traced_source_reader(ld: Any) -> Any:
+    """Reads a theorem's file from LeanDojo's traced copy of its repository (None if absent)."""
+
+    def read(url: str, commit: str, file_path: str) -> str | None:
+        try:
+            from lean_dojo.data_extraction.trace import get_traced_repo_path  # type: ignore[import-not-found]
+
+            root = Path(get_traced_repo_path(ld.LeanGitRepo(url, commit)))
+            return (root / file_path).read_text(encoding="utf-8")
+        except Exception:  # noqa: BLE001 - no traced copy: the statement stays unknown
+            return None
+
+    return read
 
 
 TheoremKey = tuple[str, str, str, str]
@@ -152,6 +195,10 @@ class DojoEnvironment:
         h = state.handle
         if not isinstance(h, DojoHandle):
             return Failed(FailureKind.CRASH, f"state handle {type(h).__name__} does not come from a DojoEnvironment")
+        try:
+            tactic = check_tactic(tactic).text
+        except UntrustedInputError as e:
+            return Failed(FailureKind.LEAN_ERROR, f"rejected before Lean: {e}")
         entry = self._open.get(h.key)
         dojo_state = h.state
         if entry is None or entry.generation != h.generation:
@@ -167,28 +214,63 @@ class DojoEnvironment:
     def verify(self, theorem: Theorem, tactics: Sequence[str]) -> Verification:
         if not tactics:
             return Verification(False, "no tactics to check")
-        for i, t in enumerate(tactics, 1):
-            try:
-                check_tactic(t)
-            except UntrustedInputError as e:
-                return Verification(False, f"tactic {i} rejected: {e}")
-            m = _UNAUDITABLE.search(t)
-            if m:
-                return Verification(False, f"tactic {i} uses `{m.group(1)}` (axioms cannot be audited through LeanDojo)")
         try:
-            _, dojo_theorem = self._dojo_theorem(theorem)
+            texts = screen_tactics(tactics)
+        except UntrustedInputError as e:
+            return Verification(False, f"rejected before Lean: {e}")
+        try:
+            key, dojo_theorem = self._dojo_theorem(theorem)
         except EnvironmentStartError as e:
             return Verification(False, str(e))
-        proof = "by\n" + "\n".join("  " + line for t in tactics for line in t.splitlines())
+        statement_text = theorem.statement or str(theorem.metadata.get("statement") or "")
+        start = theorem.metadata.get("start")
+        if not start:
+            return Verification(False, "LeanDojo verification needs the theorem's `start` position (a traced repository); not verified")
+        trusted = False
+        if not statement_text.strip() and self.api.read_source is not None:
+            # The traced file is trusted (the benchmark's repository): its declaration's
+            # statement, up to the proof's `:=`.
+            source = self.api.read_source(key[0], key[1], key[2])
+            statement_text = (statement_from_source(source, int(start[0]), int(start[1]) if len(start) > 1 else 1) or "") if source else ""
+            trusted = True
+        if not statement_text.strip():
+            return Verification(
+                False, "LeanDojo verification needs the theorem's statement (Theorem.statement, metadata `statement`, "
+                "or the traced file) to audit its axioms; not verified"
+            )
         try:
-            ok = bool(self.api.check_proof(dojo_theorem, proof))
-        except self.api.DojoInitError as e:
-            return Verification(False, f"LeanDojo could not locate the theorem: {e}")
-        except Exception as e:  # noqa: BLE001 - recompilation failures are verification failures
-            return Verification(False, f"LeanDojo check_proof failed: {type(e).__name__}: {e}")
-        if not ok:
-            return Verification(False, "the recompiled file has errors or `sorry` in the proof")
-        return Verification(True, "verified by recompiling the file (LeanDojo); axioms not audited")
+            statement = split_statement(statement_text) if trusted else check_statement(statement_text)
+            check = verification_command(statement, texts, fresh_name())
+        except (UntrustedInputError, ValueError) as e:
+            return Verification(False, f"statement cannot be re-checked: {e}")
+        repo = getattr(dojo_theorem, "repo", None) or self.api.LeanGitRepo(key[0], key[1])
+        context = self.api.Dojo((repo, Path(key[2]), int(start[0])), timeout=self.timeout_s, additional_imports=self.additional_imports)
+        try:
+            dojo, state = self._enter_context(context)
+        except Exception as e:  # noqa: BLE001 - any start failure is a verification failure
+            return Verification(False, f"LeanDojo could not open {key[2]} for re-checking: {type(e).__name__}: {e}")
+        try:
+            return self._verify_in(dojo, state, check)
+        except Exception as e:  # noqa: BLE001 - timeouts, crashes, protocol errors: never verified
+            return Verification(False, f"LeanDojo failed while re-checking: {type(e).__name__}: {e}")
+        finally:
+            self._exit_context(context)
+
+    def _verify_in(self, dojo: Any, state: Any, check: Any) -> Verification:
+        name = check.query
+        r = dojo.run_cmd(state, check.text)
+        if isinstance(r, self.api.LeanError):
+            return Verification(False, "Lean reported errors: " + str(r.error)[:2000])
+        if _SORRY_WARNING.search(str(getattr(r, "message", "") or "")):
+            return Verification(False, "the proof uses `sorry`")
+        a = dojo.run_cmd(r, f"#print axioms {name}")
+        if isinstance(a, self.api.LeanError):
+            return Verification(False, f"`#print axioms {name}` failed: {a.error}")
+        lines = [_MESSAGE_PREFIX.sub("", m).strip() for m in str(getattr(a, "message", "") or "").strip().split("\n\n") if m.strip()]
+        audit = audit_axioms(lines, check.fresh)
+        if not audit.ok:
+            return Verification(False, audit.message)
+        return Verification(True, "verified through LeanDojo; " + audit.message)
 
     def close(self) -> None:
         while self._open:
@@ -223,7 +305,7 @@ class DojoEnvironment:
             self._exit(old)
         context = self.api.Dojo(dojo_theorem, timeout=self.timeout_s, additional_imports=self.additional_imports)
         try:
-            dojo, init_state = context.__enter__()
+            dojo, init_state = self._enter_context(context)
         except self.api.DojoInitError as e:
             raise EnvironmentStartError(f"LeanDojo could not open {key[3]} ({key[2]}): {e}") from e
         except Exception as e:  # noqa: BLE001 - tracing/lake failures surface as start errors
@@ -238,10 +320,25 @@ class DojoEnvironment:
 
     @staticmethod
     def _exit(entry: _Open) -> None:
+        DojoEnvironment._exit_context(entry.context)
+
+    @staticmethod
+    def _exit_context(context: Any) -> None:
         try:
-            entry.context.__exit__(None, None, None)
+            context.__exit__(None, None, None)
         except Exception:  # noqa: BLE001 - a broken Dojo may fail to clean up; it is gone anyway
             pass
+
+    @staticmethod
+    def _enter_context(context: Any) -> Any:
+        """`context.__enter__()`; on failure kills what LeanDojo started (its `proc`, a
+        pexpect child, and that child's descendants) and removes its `modified_file`, which
+        `Dojo.__exit__` would have done but is never called for a failed `__enter__`."""
+        try:
+            return context.__enter__()
+        except BaseException:
+            _cleanup_failed_dojo(context)
+            raise
 
     def _restart(self, key: TheoremKey) -> None:
         entry = self._open.pop(key, None)
@@ -294,3 +391,39 @@ class DojoEnvironment:
         if isinstance(r, self.api.LeanError):
             return Failed(FailureKind.LEAN_ERROR, str(r.error))
         return Failed(FailureKind.CRASH, f"unexpected LeanDojo result {type(r).__name__}")
+
+
+def _cleanup_failed_dojo(context: Any) -> None:
+    proc = getattr(context, "proc", None)
+    pid = getattr(proc, "pid", None)
+    if isinstance(pid, int) and pid > 0:
+        try:
+            root = psutil.Process(pid)
+            victims = root.children(recursive=True) + [root]
+        except psutil.Error:
+            victims = []
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(victims, timeout=5)
+        for closer in ("close", "wait"):
+            try:
+                fn = getattr(proc, closer, None)
+                if callable(fn):
+                    fn(force=True) if closer == "close" else fn()
+            except Exception:  # noqa: BLE001 - best effort: the process is already killed
+                pass
+    f = getattr(context, "modified_file", None)
+    if f is not None:
+        path = getattr(f, "name", None)
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if isinstance(path, str):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

@@ -16,6 +16,11 @@ Invariants:
   pickled and, on a fresh process, unpickled instead of re-elaborated.
 - Reads and writes are non-blocking through one selector over stdin/stdout/stderr, so a
   chatty stderr or a large request can never deadlock the pipe.
+- Each process gets its own scratch directory (its `TMPDIR`, removed when it is killed) and,
+  where the machine allows, runs in the bubblewrap sandbox (`prover.lean.sandbox`: no
+  network, read-only file system except the scratch dir and `sandbox_writable`, own PID
+  namespace). `ReplConfig.sandbox`: `auto` / `require` / `off` (None: `$DCO_LEAN_SANDBOX`,
+  default `auto`); `ReplProcess.sandboxed` says whether the running process is.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import hashlib
 import os
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import weakref
@@ -38,6 +45,7 @@ from typing import Any, Callable, Mapping
 import psutil
 
 from prover.lean.paths import default_repl_command, lean_project_dir
+from prover.lean.sandbox import SandboxUnavailable, resolve_mode, wrap_command
 from prover.lean.protocol import (
     CommandResponse,
     ErrorResponse,
@@ -95,8 +103,13 @@ class ReplConfig:
     pickle_dir: Path | None = None
     stderr_tail_bytes: int = 64 * 1024
     close_grace_s: float = 0.5
+    sandbox: str | None = None
+    sandbox_writable: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.sandbox is not None:
+            object.__setattr__(self, "sandbox", resolve_mode(self.sandbox))
+        object.__setattr__(self, "sandbox_writable", tuple(Path(p) for p in self.sandbox_writable))
         # Accept str paths and list commands from callers; store the canonical types.
         object.__setattr__(self, "command", tuple(str(c) for c in self.command))
         if self.cwd is not None:
@@ -192,6 +205,8 @@ class ReplProcess:
         self._import_env: int | None = None
         self._imported = False
         self._header_envs: dict[str, int] = {}
+        self._scratch: Path | None = None
+        self.sandboxed = False
         with _LIVE_LOCK:
             _LIVE.add(self)
 
@@ -211,19 +226,40 @@ class ReplProcess:
         cwd = self.config.working_dir()
         if not cwd.is_dir():
             raise ReplStartError(f"Lean project directory {cwd} does not exist (run `dco-prover setup-lean`)")
+        program = self.config.command[0]
+        if shutil.which(program, path=scrubbed_environment(("PATH",)).get("PATH")) is None and not (
+            os.sep in program and os.access(cwd / program, os.X_OK)
+        ):
+            # Checked here: inside the sandbox a missing program would only show as an exit.
+            raise ReplStartError(f"could not start the REPL with {list(self.config.command)!r} in {cwd}: {program} not found")
+        self._scratch = Path(tempfile.mkdtemp(prefix="dco-lean-"))
+        writable = [*self.config.sandbox_writable]
+        if self.config.pickle_dir is not None:
+            self.config.pickle_dir.mkdir(parents=True, exist_ok=True)
+            writable.append(self.config.pickle_dir)
+        try:
+            argv, self.sandboxed = wrap_command(
+                self.config.command, scratch=self._scratch, writable=writable, cwd=cwd, mode=self.config.sandbox
+            )
+        except SandboxUnavailable as e:
+            self._remove_scratch()
+            raise ReplStartError(str(e)) from e
+        env = scrubbed_environment(self.config.env_allow, self.config.extra_env)
+        env["TMPDIR"] = str(self._scratch)
         try:
             proc = subprocess.Popen(
-                list(self.config.command),
+                argv,
                 cwd=str(cwd),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=scrubbed_environment(self.config.env_allow, self.config.extra_env),
+                env=env,
                 start_new_session=True,
                 preexec_fn=_child_limits(self.config.memory_limit_mb),
                 close_fds=True,
             )
         except OSError as e:
+            self._remove_scratch()
             raise ReplStartError(f"could not start the REPL with {list(self.config.command)!r} in {cwd}: {e}") from e
         assert proc.stdin and proc.stdout and proc.stderr
         for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -257,6 +293,7 @@ class ReplProcess:
             self._selector.close()
             self._selector = None
         if proc is None:
+            self._remove_scratch()
             return
         try:
             descendants = psutil.Process(proc.pid).children(recursive=True)
@@ -281,6 +318,12 @@ class ReplProcess:
                     stream.close()
             except OSError:
                 pass
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def close(self) -> None:
         """Ends the process: EOF on stdin (the REPL exits on EOF), a short grace, then kill."""

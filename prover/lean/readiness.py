@@ -122,7 +122,25 @@ def lean_readiness(project: Path | None = None) -> list[ReadinessCheck]:
             required=False,
         )
     )
+    checks.append(sandbox_check())
     return checks
+
+
+def sandbox_check() -> ReadinessCheck:
+    """Whether Lean processes run in the bubblewrap sandbox (`prover.lean.sandbox`).
+
+    Required only in `require` mode; in `auto` mode an inactive sandbox is reported (Lean
+    then runs unsandboxed, with a warning) but does not make Lean unusable.
+    """
+    from prover.lean.sandbox import INSTALL_HINT, sandbox_status
+
+    try:
+        status = sandbox_status()
+    except ValueError as e:  # a bad $DCO_LEAN_SANDBOX
+        return ReadinessCheck("Lean sandbox", False, str(e), "set DCO_LEAN_SANDBOX to auto, require or off")
+    detail = ("active: " if status.active else "INACTIVE: ") + status.detail + f" (mode {status.mode})"
+    fix = "" if status.active else (INSTALL_HINT if status.mode != "off" else "unset DCO_LEAN_SANDBOX to sandbox Lean")
+    return ReadinessCheck("Lean sandbox", status.active, detail, fix, required=status.mode == "require")
 
 
 def _read(path: Path) -> str | None:

@@ -14,17 +14,17 @@
   path from the root in a live process (checked to reproduce the same goals); otherwise,
   or if rebuilding fails, the result is `Failed(CRASH)` - never an answer about another
   process's state with the same id.
-- `verify(theorem, tactics)`: one command `<statement> := by\\n  tac1\\n  tac2...` on a fresh
-  copy of the header environment; accepted only with no error message, no sorry (neither
-  reported nor warned), and `#print axioms` within `ALLOWED_AXIOMS`. An `example` is renamed
-  to a fresh theorem so its axioms can be printed.
+- `verify(theorem, tactics)`: the screened tactics (`screen_tactics`, the one screen every
+  backend uses) in one command on the header environment: the theorem renamed to a fresh
+  name only the verifier knows (`prover.lean.verification`); accepted only with no error
+  message, no sorry (neither reported nor warned), and an axiom audit (`audit_axioms`) of
+  `#print axioms <fresh>` whose report names that fresh constant and lists only
+  `ALLOWED_AXIOMS`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-import textwrap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -47,7 +47,16 @@ from prover.lean.untrusted import (
     check_statement,
     check_tactic,
     parse_header,
+    screen_tactics,
     split_statement,
+)
+from prover.lean.verification import (
+    ALLOWED_AXIOMS,
+    VerificationCommand,
+    audit_axioms,
+    fresh_name,
+    parse_axioms,
+    verification_command,
 )
 from search.types import (
     EnvironmentStartError,
@@ -63,10 +72,7 @@ from search.types import (
 
 __all__ = ["ReplEnvironment", "ReplHandle", "ALLOWED_AXIOMS", "classify_tactic_response", "parse_axioms", "proof_command"]
 
-ALLOWED_AXIOMS = frozenset({"propext", "Classical.choice", "Quot.sound"})
 _SORRY_WARNING = re.compile(r"declaration uses ['`]sorry['`]")
-_AXIOMS_RE = re.compile(r"depends on axioms:\s*\[(.*)\]", re.DOTALL)
-_NO_AXIOMS_RE = re.compile(r"does not depend on any axioms")
 
 
 @dataclass(frozen=True)
@@ -118,31 +124,10 @@ def classify_tactic_response(
     return Failed(FailureKind.LEAN_ERROR, f"unexpected proof status {status!r} with {len(resp.goals)} goals")
 
 
-def parse_axioms(messages_data: Sequence[str]) -> frozenset[str] | None:
-    """Axioms named by a `#print axioms` message; None if no such message is present."""
-    for data in messages_data:
-        if _NO_AXIOMS_RE.search(data):
-            return frozenset()
-        m = _AXIOMS_RE.search(data)
-        if m:
-            return frozenset(a.strip() for a in m.group(1).split(",") if a.strip())
-    return None
-
-
-def proof_command(statement: CheckedStatement, tactics: Sequence[str]) -> tuple[str, str]:
-    """`(command, name)`: the whole theorem with its tactic proof, indented two spaces.
-
-    An `example` (or a nameless declaration) becomes `theorem dco_verify_<hash>`.
-    """
-    text, name = statement.text, statement.name
-    if statement.kind == "example" or name is None:
-        name = "dco_verify_" + hashlib.sha256("\n".join([text, *tactics]).encode()).hexdigest()[:12]
-        k = statement.keyword_start
-        text = text[:k] + f"theorem {name}" + text[k + len(statement.kind):]
-    # Each tactic starts at the block's column: a deeper first line would continue the
-    # previous tactic's syntax. Relative indentation inside a tactic is kept.
-    body = "\n".join(textwrap.indent(textwrap.dedent(t).strip("\n"), "  ", lambda line: True) for t in tactics)
-    return f"{text} := by\n{body}", name
+def proof_command(statement: CheckedStatement, tactics: Sequence[str], name: str | None = None) -> tuple[str, str]:
+    """`(command, fresh)`: the theorem under a fresh last name component (`verification_command`)."""
+    fresh = name or fresh_name()
+    return verification_command(statement, tactics, fresh).text, fresh
 
 
 class ReplEnvironment:
@@ -220,18 +205,17 @@ class ReplEnvironment:
             return Verification(False, str(e))
         if not tactics:
             return Verification(False, "no tactics to check")
-        texts: list[str] = []
-        for i, t in enumerate(tactics, 1):
-            if self.check_input:
-                try:
-                    t = check_tactic(t).text
-                except UntrustedInputError as e:
-                    return Verification(False, f"tactic {i} rejected: {e}")
-            texts.append(t)
-        command, name = proof_command(statement, texts)
+        if self.check_input:
+            try:
+                texts = screen_tactics(tactics)
+            except UntrustedInputError as e:
+                return Verification(False, f"rejected before Lean: {e}")
+        else:
+            texts = list(tactics)
+        check = verification_command(statement, texts, fresh_name())
         try:
             with self.pool.lease(header.text) as lease:
-                return self._verify_in(lease.process, header, command, name)
+                return self._verify_in(lease.process, header, check)
         except (PoolBusy, PoolClosed) as e:
             return Verification(False, f"no REPL process available: {e}")
 
@@ -307,7 +291,8 @@ class ReplEnvironment:
             raise _RebuildFailed("the replayed path reached different goals")
         return ps
 
-    def _verify_in(self, proc: ReplProcess, header: CheckedHeader, command: str, name: str) -> Verification:
+    def _verify_in(self, proc: ReplProcess, header: CheckedHeader, check: VerificationCommand) -> Verification:
+        command, name = check.text, check.query
         try:
             env = proc.header_env(header.body)
             resp = proc.run_command(command, env, self.config.verify_timeout_s)
@@ -330,10 +315,7 @@ class ReplEnvironment:
         if isinstance(ax, ErrorResponse) or ax.errors:
             detail = ax.message if isinstance(ax, ErrorResponse) else "; ".join(m.data for m in ax.errors)
             return Verification(False, f"`#print axioms {name}` failed: {detail}")
-        axioms = parse_axioms([m.data for m in ax.messages if m.severity == "info"])
-        if axioms is None:
-            return Verification(False, f"`#print axioms {name}` gave no axiom report")
-        extra = axioms - ALLOWED_AXIOMS
-        if extra:
-            return Verification(False, "the proof depends on disallowed axioms: " + ", ".join(sorted(extra)))
-        return Verification(True, "verified; axioms: " + (", ".join(sorted(axioms)) if axioms else "none"))
+        audit = audit_axioms([m.data for m in ax.messages], check.fresh)
+        if not audit.ok:
+            return Verification(False, audit.message)
+        return Verification(True, "verified; " + audit.message)

@@ -46,6 +46,10 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         checks.append(ReadinessCheck(name="theorem source", ok=True, detail=f"{len(state.catalog)} theorems can be named by theorem_id ({state.catalog.where})"))
     else:
         checks.append(ReadinessCheck(name="theorem source", ok=False, detail=state.catalog_error or "none", how_to_fix="set backend.replay_data / backend.theorem_source"))
+    from prover.lean.readiness import sandbox_check  # issue 10: is Lean sandboxed (bubblewrap)?
+
+    sandbox = sandbox_check()
+    checks.append(ReadinessCheck(name="lean sandbox", ok=sandbox.ok or not sandbox.required, detail=sandbox.detail, how_to_fix=sandbox.how_to_fix))
     body = Readiness(
         ready=all(c.ok for c in checks),
         backend=state.plan.kind or "none",
