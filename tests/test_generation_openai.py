@@ -203,3 +203,71 @@ def test_bad_settings_are_refused() -> None:
         OpenAICompletionsGenerator("http://h:1", temperature=0)
     with pytest.raises(ValueError, match="k must be"):
         OpenAICompletionsGenerator("http://h:1").propose(["s"], 0)
+
+
+# ------------------------------------------------------------------ prove and eval
+
+
+def test_prove_through_a_model_server(server, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from prover.cli import app
+
+    result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", "--generator-url", server.url, "--max-expansions", "2",
+                                      "--tactics-per-expansion", "2", "--max-new-tokens", "4", "--json"])
+    assert result.exit_code in (0, 1), result.output
+    record = json.loads(result.stdout)
+    generator = record["settings"]["generator"]
+    assert generator["kind"] == "openai" and generator["generator_url"] == server.url
+    assert record["generator_calls"] >= 1 and record["status"] in ("proved", "failed") and not record.get("errors")
+    served = len(server.requests)
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps({"version": 1, "members": [
+        {"name": "a", "base_url": server.url + "/v1", "model": "neff-4"},
+        {"name": "b", "base_url": server.url, "model": "neff-4"}]}))
+    result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", "--endpoints", str(endpoints), "--max-expansions", "1",
+                                      "--tactics-per-expansion", "2", "--max-new-tokens", "4", "--json"])
+    assert result.exit_code in (0, 1), result.output
+    assert len(server.requests) >= served + 2  # both members asked the server
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "members": [{"name": "a", "base_url": "localhost:1", "model": "m"}]}))
+    for args, message in (
+        (["--endpoints", str(bad)], "members.0.base_url"),
+        (["--endpoints", str(tmp_path / "none.json")], "endpoints manifest not found"),
+        (["--generator", "openai"], "exactly one of --generator-url URL or --endpoints FILE"),
+        (["--generator-url", server.url, "--beam"], "beam search is not offered"),
+        (["--generator", "fixed", "--generator-url", server.url], "need the openai generator"),
+    ):
+        result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_eval_members_from_an_endpoints_manifest(server, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from prover.cli import app
+    from prover.eval.rundir import RunDirectory
+
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_text(json.dumps({"version": 1, "members": [
+        {"name": "neff-1", "base_url": server.url, "model": "neff-4"},
+        {"name": "neff-4", "base_url": server.url, "model": "neff-4", "n_eff": 4}]}))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "--endpoints", str(endpoints), "--run-dir", str(run_dir), "--limit", "6",
+                                      "--max-expansions", "1", "--tactics-per-expansion", "2", "--max-new-tokens", "4",
+                                      "--workers", "2", "--no-ray", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run_dir / "config.json").read_text())
+    assert [(m["name"], m["kind"], m["source"], m["model"]) for m in config["members"]] == [
+        ("neff-1", "openai", server.url, "neff-4"), ("neff-4", "openai", server.url, "neff-4")]
+    records = list(RunDirectory(run_dir).records())
+    assert {r.member for r in records} >= {"neff-1", "neff-4"}
+    searched = [r for r in records if r.status != "error"]  # the sample's first theorems have no traced tactics
+    assert searched and all("env_start" in r.error for r in records if r.status == "error")
+    assert len(server.requests) >= len([r for r in searched if r.member != "ensemble"])
+    clash = CliRunner().invoke(app, ["eval", "--endpoints", str(endpoints), "--generator", "fixed", "--run-dir", str(tmp_path / "x")])
+    assert clash.exit_code == 2 and "drop --models" in clash.output
