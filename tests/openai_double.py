@@ -219,3 +219,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a checkpoint like `vllm serve` would (a stand-in process for the launcher tests):
+    `python tests/openai_double.py --model DIR --served-model-name NAME --port P`."""
+    import argparse
+
+    from training.modeling import load_causal_lm, load_tokenizer
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    args, _ = parser.parse_known_args(argv)
+    torch.set_num_threads(1)
+    model = load_causal_lm(args.model)
+    tokenizer = load_tokenizer(args.model)
+    double = CompletionsDouble(model, tokenizer, served_name=args.served_model_name)
+    uvicorn.run(double.app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
