@@ -22,8 +22,8 @@ server rejects (400, 401, 403, 404 unknown model, 422) or a malformed answer rai
 deadline checked between them, so a late answer is dropped.
 
 Requests use vLLM's extensions `add_special_tokens: false` (the prompt is tokenised as the
-transformers generator and the trainer tokenise it) and `truncate_prompt_tokens`
-(over-long prompts keep their end); `vllm_extensions=False` leaves them out for servers
+transformers generator and the trainer tokenise it) and `truncate_prompt_tokens` with
+`truncation_side: left` (over-long prompts keep their end); `vllm_extensions=False` leaves them out for servers
 that reject unknown fields.
 
 The HTTP connection pool (`httpx.Client`, thread-safe) is shared by every generator of the
@@ -175,6 +175,7 @@ class OpenAICompletionsGenerator:
             body["add_special_tokens"] = False
             if self.max_prompt_tokens is not None:
                 body["truncate_prompt_tokens"] = self.max_prompt_tokens
+                body["truncation_side"] = "left"  # keep the end (the goal), as the transformers generator does
         return body
 
     def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
