@@ -205,7 +205,10 @@ class OpenAICompletionsGenerator:
         """The model name requests carry: the one given, else the only one `/v1/models` lists."""
         if self.model is not None:
             return self.model
-        with self._model_lock:
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._model_lock.acquire(timeout=wait):  # another thread is asking; keep to our own deadline
+            raise GeneratorError(f"{self.name}: no answer from {self.base_url}/v1/models within the search's time budget")
+        try:
             if self.model is None:
                 listing = self._request_with_retries("GET", "/v1/models", None, deadline)
                 ids = [entry.get("id") for entry in listing.get("data", []) if isinstance(entry, dict)]
@@ -216,6 +219,8 @@ class OpenAICompletionsGenerator:
                         transient=False,
                     )
                 self.model = ids[0]
+        finally:
+            self._model_lock.release()
         return self.model
 
     def health(self, timeout_s: float = 2.0) -> tuple[bool, str]:
@@ -236,7 +241,7 @@ class OpenAICompletionsGenerator:
         return True, "healthy"
 
     def _post_with_retries(self, path: str, body: dict[str, Any], deadline: float | None) -> dict[str, Any]:
-        return self._request_with_retries("POST", path, json.dumps(body).encode(), deadline)
+        return self._request_with_retries("POST", path, json.dumps(body, ensure_ascii=False).encode("utf-8"), deadline)
 
     def _request_with_retries(self, method: str, path: str, content: bytes | None, deadline: float | None) -> dict[str, Any]:
         attempt = 0
