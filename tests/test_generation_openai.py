@@ -221,6 +221,12 @@ def test_prove_through_a_model_server(server, tmp_path) -> None:
     record = json.loads(result.stdout)
     generator = record["settings"]["generator"]
     assert generator["kind"] == "openai" and generator["generator_url"] == server.url
+    from prover.runner import ProveSettings
+
+    assert ProveSettings.from_json(record["settings"]).generator.generator_url == server.url  # the service stores settings as JSON
+    from prover.generators import OpenAICompletionsGenerator as Lazy
+
+    assert Lazy is OpenAICompletionsGenerator
     assert record["generator_calls"] >= 1 and record["status"] in ("proved", "failed") and not record.get("errors")
     served = len(server.requests)
     endpoints = tmp_path / "endpoints.json"
