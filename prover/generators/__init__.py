@@ -4,6 +4,8 @@
 - `OracleGenerator`: knows the replay data; a test double with real semantics.
 - `TransformersGenerator`: a Hugging Face causal LM, batched sampling or beam search.
 - `load_generators`: checkpoints and the trainer's ensemble manifest → named generators.
+- `OpenAICompletionsGenerator`: a client of a model server's `/v1/completions` (`vllm serve`);
+  `endpoint_generators`: one per member of an endpoints manifest (`dco-prover serve-models`).
 
 The model-backed names import torch lazily, so importing this package stays cheap.
 """
@@ -22,12 +24,16 @@ __all__ = [
     "TransformersGenerator",
     "GeneratorLoadError",
     "load_generators",
+    "OpenAICompletionsGenerator",
+    "endpoint_generators",
 ]
 
 _LAZY = {
     "TransformersGenerator": "prover.generators.transformers_gen",
     "GeneratorLoadError": "prover.generators.loading",
     "load_generators": "prover.generators.loading",
+    "OpenAICompletionsGenerator": "prover.generators.openai_client",
+    "endpoint_generators": "prover.generators.endpoints",
 }
 
 
