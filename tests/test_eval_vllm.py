@@ -113,6 +113,7 @@ class FakeLLM:
         return [RequestOutput(str(i), [CompletionOutput(j, f"t{i}{j}", [1], -1.0 * (j + 1), None) for j in range(params.n)]) for i, _ in enumerate(prompts)]
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (its SamplingParams) to build requests")
 def test_generator_builds_vllm_requests():
     llm = FakeLLM()
@@ -128,7 +129,8 @@ def test_generator_builds_vllm_requests():
     assert beams == [[Candidate("a", -0.5), Candidate("b", -1.0)]]  # the prompt's tokens are not in the text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM importable (its wheel pulls CUDA torch, so it is not installed here)")
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM importable (the vllm venv of .ci/run)")
 def test_conversion_against_vllm_real_classes():
     from vllm.outputs import CompletionOutput as RealCompletion
     from vllm.outputs import RequestOutput as RealRequest

@@ -29,6 +29,7 @@ class EnsembleModeChoice(str, enum.Enum):
 class GeneratorChoice(str, enum.Enum):
     oracle = "oracle"
     fixed = "fixed"
+    openai = "openai"
 
 
 class BackendChoice(str, enum.Enum):
@@ -41,7 +42,10 @@ def eval_command(
     split: Annotated[Optional[str], typer.Option(help="miniF2F split to keep (valid, test); default: all.")] = None,
     ensemble: Annotated[Optional[Path], typer.Option(help="The trainer's ensemble manifest (one checkpoint per N_eff).")] = None,
     models: Annotated[Optional[list[str]], typer.Option(help="Checkpoints, 'tiny-qwen2', or NAME=PATH (repeat or comma-separate).")] = None,
-    generator: Annotated[Optional[GeneratorChoice], typer.Option(help="A model-free generator instead of models: oracle (replay data) or fixed.")] = None,
+    generator: Annotated[Optional[GeneratorChoice], typer.Option(help="A model-free generator instead of models: oracle (replay data) or fixed; or openai: model servers (--generator-url / --endpoints).")] = None,
+    generator_url: Annotated[Optional[str], typer.Option(help="openai: one member served by a completions server (vllm serve) at http://HOST:PORT.")] = None,
+    endpoints: Annotated[Optional[Path], typer.Option(help="openai: the endpoints manifest of `dco-prover serve-models` (one server per member).")] = None,
+    served_model: Annotated[Optional[str], typer.Option(help="openai with --generator-url: the served model name (default: the only one listed).")] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Model backend: transformers, or vllm (falls back to transformers with a warning when vLLM/CUDA is missing).")] = BackendChoice.transformers,
     env: Annotated[Optional[EnvChoice], typer.Option(help="Default: replay for LeanDojo benchmarks, repl for miniF2F.")] = None,
     tactic_latency: Annotated[float, typer.Option(help="replay: seconds slept per tactic, to stand in for Lean (benchmarks).")] = 0.0,
@@ -95,7 +99,12 @@ def eval_command(
     try:
         benches: list[BenchmarkSpec] = [resolve_benchmark(b, split) for b in (benchmark or ["leandojo"])]
         env_kind = env.value if env is not None else ("replay" if all(b.format == "leandojo" for b in benches) else "repl")
-        members = parse_members(split_list(models) or None, str(ensemble) if ensemble is not None else None, generator.value if generator else None, backend.value)
+        members = parse_members(
+            split_list(models) or None, str(ensemble) if ensemble is not None else None, generator.value if generator else None, backend.value,
+            endpoints=str(endpoints) if endpoints is not None else None, generator_url=generator_url, served_model=served_model,
+        )
+        if beam and any(m.kind == "openai" for m in members):
+            raise EvalConfigError("beam search is not offered through model servers: sample (drop --beam)")
         use_ray = ray
         if use_ray is None:
             use_ray = importlib.util.find_spec("ray") is not None and (workers > 1 or bool(ray_address or os.environ.get("RAY_ADDRESS")))

@@ -28,6 +28,7 @@ class GeneratorChoice(str, enum.Enum):
     fixed = "fixed"
     oracle = "oracle"
     model = "model"
+    openai = "openai"
 
 
 def prove_command(
@@ -48,7 +49,10 @@ def prove_command(
     models: Annotated[Optional[list[str]], typer.Option(help="Checkpoint directories or 'tiny-qwen2' (repeat or comma-separate).")] = None,
     ensemble: Annotated[Optional[Path], typer.Option(help="The trainer's ensemble manifest (one checkpoint per N_eff).")] = None,
     ensemble_mode: Annotated[EnsembleChoice, typer.Option(help="union: each member its own budget, first proof wins; mixture: merged candidates.")] = EnsembleChoice.union,
-    generator: Annotated[Optional[GeneratorChoice], typer.Option(help="Default: model when --models/--ensemble is given, else fixed.")] = None,
+    generator: Annotated[Optional[GeneratorChoice], typer.Option(help="Default: model when --models/--ensemble is given, openai when --generator-url/--endpoints is, else fixed.")] = None,
+    generator_url: Annotated[Optional[str], typer.Option(help="openai: a completions server (vllm serve) at http://HOST:PORT, one member.")] = None,
+    endpoints: Annotated[Optional[Path], typer.Option(help="openai: the endpoints manifest written by `dco-prover serve-models` (one server per member).")] = None,
+    served_model: Annotated[Optional[str], typer.Option(help="openai with --generator-url: the served model name (default: the only one the server lists).")] = None,
     env: Annotated[Optional[EnvChoice], typer.Option(help="Default: replay for a LeanDojo benchmark, repl for --statement and miniF2F.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Model device (cpu, cuda, cuda:1).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Model dtype (float32, bfloat16, auto).")] = None,
@@ -83,7 +87,7 @@ def prove_command(
 
     # -- settings
     model_list = tuple(split_list(models))
-    generator_kind = (generator.value if generator is not None else ("model" if model_list or ensemble is not None else "fixed"))
+    generator_kind = (generator.value if generator is not None else ("model" if model_list or ensemble is not None else "openai" if generator_url is not None or endpoints is not None else "fixed"))
     env_kind = env.value if env is not None else ("replay" if source_is_leandojo else "repl")
     try:
         settings = ProveSettings(
@@ -113,6 +117,9 @@ def prove_command(
                 max_new_tokens=max_new_tokens,
                 beam_search=beam,
                 oracle_seed=seed,
+                generator_url=generator_url,
+                endpoints=str(endpoints) if endpoints is not None else None,
+                served_model=served_model,
             ),
         )
     except ValueError as err:

@@ -22,6 +22,7 @@ ENV_KINDS = ("replay", "repl", "dojo")
 ENSEMBLE_MODES = ("independent", "union", "mixture")
 BACKENDS = ("transformers", "vllm")
 SPECIAL_GENERATORS = ("oracle", "fixed")
+OPENAI = "openai"  # members served by model servers (completions clients)
 
 
 class EvalConfigError(ValueError):
@@ -122,12 +123,14 @@ class MemberSpec:
     """One ensemble member: a name (the row of Table 2) and where its generator comes from.
 
     `source` is a checkpoint directory, `tiny-qwen2`, or for `kind` `oracle` / `fixed` the
-    kind itself. `kind`: `transformers`, `vllm`, `oracle`, `fixed`.
+    kind itself. `kind`: `transformers`, `vllm`, `oracle`, `fixed`, or `openai` (`source` is
+    the model server's URL and `model` its served model name, None: the only one it serves).
     """
 
     name: str
     source: str
     kind: str = "transformers"
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,9 +156,18 @@ def parse_members(
     manifest: str | None,
     generator: str | None,
     backend: str = "transformers",
+    endpoints: str | None = None,
+    generator_url: str | None = None,
+    served_model: str | None = None,
 ) -> list[MemberSpec]:
     """Members from `--models` (`PATH`, `tiny-qwen2` or `NAME=PATH`), an ensemble manifest,
-    or a model-free `--generator` (`oracle`, `fixed`). Exactly one source must be given."""
+    a model-free `--generator` (`oracle`, `fixed`), or model servers (`--generator openai`
+    with `--generator-url URL` for one member or `--endpoints FILE` for an ensemble).
+    Exactly one source must be given."""
+    if generator == OPENAI or endpoints is not None or generator_url is not None:
+        if generator not in (None, OPENAI) or models or manifest is not None:
+            raise EvalConfigError("--generator-url/--endpoints give the members: drop --models, --ensemble and other --generator values")
+        return _openai_members(endpoints, generator_url, served_model)
     given = [x for x in (bool(models), manifest is not None, generator is not None) if x]
     if len(given) != 1:
         raise EvalConfigError("give exactly one of --ensemble MANIFEST, --models ... or --generator oracle|fixed")
@@ -221,8 +233,39 @@ def _manifest_members(manifest: Path, backend: str) -> list[MemberSpec]:
     return members
 
 
+def _openai_members(endpoints: str | None, generator_url: str | None, served_model: str | None) -> list[MemberSpec]:
+    if (endpoints is None) == (generator_url is None):
+        raise EvalConfigError("--generator openai needs exactly one of --generator-url URL or --endpoints FILE")
+    from prover.eval.records import ENSEMBLE
+    from prover.generators.endpoints import EndpointsError, read_endpoints
+    from prover.generators.openai_client import normalise_base_url
+
+    if generator_url is not None:
+        try:
+            url = normalise_base_url(generator_url)
+        except ValueError as err:
+            raise EvalConfigError(str(err)) from err
+        return [MemberSpec(served_model or OPENAI, url, OPENAI, served_model)]
+    try:
+        manifest = read_endpoints(Path(endpoints).expanduser())
+    except EndpointsError as err:
+        raise EvalConfigError(str(err)) from err
+    if ENSEMBLE in {m.name for m in manifest.members}:
+        raise EvalConfigError(f"{ENSEMBLE!r} is reserved for the ensemble row; rename that member in {endpoints}")
+    return [MemberSpec(m.name, m.base_url, OPENAI, m.model) for m in manifest.members]
+
+
 def build_member(member: MemberSpec, options: GeneratorOptions, replay_sources: Sequence[str] = ()) -> TacticGenerator:
     """The member's generator, built in the calling process (a worker or a generator actor)."""
+    if member.kind == OPENAI:
+        from prover.generators.openai_client import OpenAICompletionsGenerator
+
+        if options.beam_search:
+            raise EvalConfigError("beam search is not offered through model servers: sample (drop --beam)")
+        return OpenAICompletionsGenerator(
+            member.source, model=member.model, name=member.name,
+            temperature=options.temperature, max_new_tokens=options.max_new_tokens,
+        )
     if member.kind == "fixed":
         from prover.generators.fixed import FixedTacticGenerator
 

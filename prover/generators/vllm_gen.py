@@ -147,6 +147,7 @@ class VLLMGenerator:
     `gpu_memory_fraction`: fraction of GPU memory this engine may take (several engines
     can share a GPU). `max_prompt_tokens`: longer prompts keep their end (as the
     transformers generator does). `llm`: an existing engine (tests, sharing).
+    `engine_options`: more `vllm.LLM` arguments (e.g. `enforce_eager=True` on CPU).
     Calls are serialised by a lock: `LLM` is not thread-safe.
     """
 
@@ -164,6 +165,7 @@ class VLLMGenerator:
         max_prompt_tokens: int | None = 2048,
         logprobs: int = 1,
         llm: Any = None,
+        engine_options: dict[str, Any] | None = None,
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -189,6 +191,7 @@ class VLLMGenerator:
                 enable_prefix_caching=True,
                 seed=seed,
                 dtype=dtype or "auto",
+                **(engine_options or {}),
             )
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()

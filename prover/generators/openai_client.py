@@ -1,0 +1,334 @@
+"""A `TacticGenerator` that is a client of an OpenAI-compatible `/v1/completions` server.
+
+In production the server is `vllm serve` (see `dco-prover serve-models`): many searches,
+in many threads, workers and jobs, reach one server, and its continuous batching batches
+them. One `propose` call is one HTTP request carrying every state's prompt
+(`training.prompt.format_prompt`, the one prompt format) with `n = k`, `temperature`,
+`max_tokens`, optional `stop` strings, and `logprobs = 1`.
+
+Scores: a sample's log-probability is the sum of its `logprobs.token_logprobs` — natural
+logs, so <= 0 — over every generated token, the terminating EOS included (vLLM reports the
+EOS token among the sampled tokens when it stops on it). vLLM's default
+`--logprobs-mode raw_logprobs` reports the model's log-softmax before temperature or other
+processing, i.e. the same temperature-1 score the transformers generator computes.
+
+Deadline: `propose(..., timeout_s=T)` returns or raises `search.types.GeneratorError`
+within `T` seconds. Each HTTP attempt's timeout is min(`request_timeout_s`, time left); a
+transient failure (connection refused or reset, HTTP 429/500/502/503/504, a timeout) is
+retried with exponential backoff (at most `max_retries` times and never past the
+deadline), then raised as `GeneratorError(transient=True)` naming the cause. A request the
+server rejects (400, 401, 403, 404 unknown model, 422) or a malformed answer raises
+`GeneratorError(transient=False)` at once. The response body is read in chunks and the
+deadline checked between them, so a late answer is dropped.
+
+Requests use vLLM's extensions `add_special_tokens: false` (the prompt is tokenised as the
+transformers generator and the trainer tokenise it) and `truncate_prompt_tokens` with
+`truncation_side: left` (over-long prompts keep their end); `vllm_extensions=False` leaves them out for servers
+that reject unknown fields.
+
+The HTTP connection pool (`httpx.Client`, thread-safe) is shared by every generator of the
+process that talks to the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import httpx
+
+from search.types import Candidate, GeneratorError
+from training.prompt import format_prompt
+
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+"""HTTP statuses worth retrying: overload (429, 503), a restarting or failing engine, a proxy."""
+
+_POOLS: dict[str, httpx.Client] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def normalise_base_url(url: str) -> str:
+    """`http://host:port` from `http://host:port`, `.../` or `.../v1` (the OpenAI clients'
+    convention). Raises `ValueError` for anything that is not an http(s) URL."""
+    text = url.strip().rstrip("/")
+    if text.endswith("/v1"):
+        text = text[: -len("/v1")]
+    parsed = httpx.URL(text)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not an http(s) URL of a completions server: {url!r} (e.g. http://127.0.0.1:8000)")
+    return text
+
+
+def shared_client(base_url: str, *, max_connections: int = 64) -> httpx.Client:
+    """The process-wide connection pool for `base_url` (created on first use)."""
+    with _POOLS_LOCK:
+        client = _POOLS.get(base_url)
+        if client is None or client.is_closed:
+            client = httpx.Client(
+                base_url=base_url,
+                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+                headers={"Content-Type": "application/json"},
+            )
+            _POOLS[base_url] = client
+        return client
+
+
+@dataclass
+class ClientStats:
+    """Counters since construction. `retries`: attempts repeated after a transient failure;
+    `empty`: completions dropped because their text was blank; `truncated`: completions
+    that stopped at `max_tokens` (kept, their log-prob has no EOS term)."""
+
+    calls: int = 0
+    states: int = 0
+    retries: int = 0
+    errors: int = 0
+    empty: int = 0
+    truncated: int = 0
+
+
+class _Transient(Exception):
+    """One failed attempt that may succeed when repeated."""
+
+
+class OpenAICompletionsGenerator:
+    """`TacticGenerator` over the OpenAI completions API of one served model.
+
+    `base_url`: the server's root (`http://host:port`; a trailing `/v1` is accepted).
+    `model`: the served model name (`--served-model-name`); None asks `/v1/models` once and
+    takes the only model served there. `name`: the generator's (member's) name in results.
+    `request_timeout_s`: one HTTP attempt's limit when the search gives no deadline.
+    `max_retries`: transient failures repeated at most this often per call;
+    `backoff_s`: the first retry's wait (doubling, with jitter, capped by `max_backoff_s`).
+    `beam_search` is not offered: sample (vLLM's beam search does not return per-sample
+    log-probs through this API).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        name: str | None = None,
+        temperature: float = 1.0,
+        max_new_tokens: int = 96,
+        stop: Sequence[str] | None = None,
+        max_prompt_tokens: int | None = 2048,
+        request_timeout_s: float = 300.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        vllm_extensions: bool = True,
+        seed: int | None = None,
+        client: httpx.Client | None = None,
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        if not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 seconds, got {request_timeout_s!r}")
+        if max_retries < 0 or backoff_s < 0:
+            raise ValueError("max_retries and backoff_s must be >= 0")
+        self.base_url = normalise_base_url(base_url)
+        self.model = model
+        self.name = name or model or "openai"
+        self.temperature = float(temperature)
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop = list(stop) if stop else None
+        self.max_prompt_tokens = max_prompt_tokens
+        self.request_timeout_s = float(request_timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.vllm_extensions = bool(vllm_extensions)
+        self.seed = seed
+        self.stats = ClientStats()
+        self._client = client if client is not None else shared_client(self.base_url)
+        self._model_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OpenAICompletionsGenerator(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
+
+    # ---------------------------------------------------------------- requests
+
+    def request_body(self, states: Sequence[str], k: int, model: str) -> dict[str, Any]:
+        """The JSON body of `/v1/completions` for `states` (one prompt each, `n = k`)."""
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": [format_prompt(state) for state in states],
+            "n": k,
+            "temperature": self.temperature,
+            "max_tokens": self.max_new_tokens,
+            "logprobs": 1,
+        }
+        if self.stop:
+            body["stop"] = self.stop
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.vllm_extensions:
+            body["add_special_tokens"] = False
+            if self.max_prompt_tokens is not None:
+                body["truncate_prompt_tokens"] = self.max_prompt_tokens
+                body["truncation_side"] = "left"  # keep the end (the goal), as the transformers generator does
+        return body
+
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        """Up to `k` sampled tactics per state, scored by their summed token log-probs (<= 0).
+
+        Raises `GeneratorError` (see the module docstring) within `timeout_s` seconds."""
+        if k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if not states:
+            return []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._stats_lock:
+            self.stats.calls += 1
+            self.stats.states += len(states)
+        try:
+            model = self.served_model(deadline)
+            answer = self._post_with_retries("/v1/completions", self.request_body(states, k, model), deadline)
+            return self._candidates(answer, len(states), k)
+        except GeneratorError:
+            with self._stats_lock:
+                self.stats.errors += 1
+            raise
+
+    def served_model(self, deadline: float | None = None) -> str:
+        """The model name requests carry: the one given, else the only one `/v1/models` lists."""
+        if self.model is not None:
+            return self.model
+        with self._model_lock:
+            if self.model is None:
+                listing = self._request_with_retries("GET", "/v1/models", None, deadline)
+                ids = [entry.get("id") for entry in listing.get("data", []) if isinstance(entry, dict)]
+                if len(ids) != 1 or not isinstance(ids[0], str):
+                    raise GeneratorError(
+                        f"{self.name}: {self.base_url} serves {len(ids)} models ({', '.join(map(str, ids)) or 'none'}); "
+                        "name the one to use (the endpoints manifest's 'model')",
+                        transient=False,
+                    )
+                self.model = ids[0]
+        return self.model
+
+    def _post_with_retries(self, path: str, body: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+        return self._request_with_retries("POST", path, json.dumps(body).encode(), deadline)
+
+    def _request_with_retries(self, method: str, path: str, content: bytes | None, deadline: float | None) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise GeneratorError(f"{self.name}: no answer from {self.base_url} within the search's time budget")
+            try:
+                return self._attempt(method, path, content, remaining)
+            except _Transient as err:
+                cause = str(err)
+            if attempt >= self.max_retries:
+                raise GeneratorError(f"{self.name}: {self.base_url} failed {attempt + 1} time(s); last: {cause}")
+            wait = min(self.max_backoff_s, self.backoff_s * (2**attempt)) * random.uniform(0.5, 1.0)
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                raise GeneratorError(
+                    f"{self.name}: {self.base_url} failed {attempt + 1} time(s) and the search's time budget ends "
+                    f"before another try; last: {cause}"
+                )
+            time.sleep(wait)
+            attempt += 1
+            with self._stats_lock:
+                self.stats.retries += 1
+
+    def _attempt(self, method: str, path: str, content: bytes | None, remaining: float | None) -> dict[str, Any]:
+        """One HTTP exchange; the body is read in chunks, checking the deadline between them."""
+        limit = self.request_timeout_s if remaining is None else min(self.request_timeout_s, remaining)
+        stop_at = time.monotonic() + limit
+        try:
+            with self._client.stream(method, path, content=content, timeout=httpx.Timeout(limit)) as response:
+                chunks = []
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    if time.monotonic() > stop_at:
+                        raise _Transient(f"the answer was still arriving after {limit:.3g} s (timed out)")
+                raw = b"".join(chunks)
+        except httpx.TimeoutException as err:
+            raise _Transient(f"timed out after {limit:.3g} s ({type(err).__name__})") from err
+        except (httpx.TransportError, httpx.StreamError) as err:  # refused, reset, closed mid-answer
+            raise _Transient(f"{type(err).__name__}: {err or 'connection failed'}") from err
+        status = response.status_code
+        if status in TRANSIENT_STATUS:
+            raise _Transient(f"HTTP {status} from {path}: {_error_message(raw)}")
+        if status >= 400:
+            hint = " (is the served model name right? see /v1/models)" if status == 404 else ""
+            raise GeneratorError(f"{self.name}: {self.base_url}{path} rejected the request: HTTP {status}: {_error_message(raw)}{hint}", transient=False)
+        try:
+            answer = json.loads(raw)
+        except ValueError as err:
+            raise GeneratorError(f"{self.name}: {self.base_url}{path} answered HTTP {status} with invalid JSON: {raw[:200]!r}", transient=False) from err
+        if not isinstance(answer, dict):
+            raise GeneratorError(f"{self.name}: {self.base_url}{path} answered a JSON {type(answer).__name__}, not an object", transient=False)
+        return answer
+
+    # ---------------------------------------------------------------- answers
+
+    def _candidates(self, answer: dict[str, Any], n_states: int, k: int) -> list[list[Candidate]]:
+        try:
+            rows, empty, truncated = candidates_from_completions(answer, n_states, k)
+        except ValueError as err:
+            raise GeneratorError(f"{self.name}: unusable answer from {self.base_url}: {err}", transient=False) from err
+        with self._stats_lock:
+            self.stats.empty += empty
+            self.stats.truncated += truncated
+        return rows
+
+
+def candidates_from_completions(answer: dict[str, Any], n_states: int, k: int) -> tuple[list[list[Candidate]], int, int]:
+    """Per prompt, the `Candidate`s of a `/v1/completions` answer, with the counts of empty
+    (dropped) and length-truncated (kept) completions.
+
+    Choice `index` i belongs to prompt i // k (the API orders a prompt's `n` samples
+    together). A candidate's log-prob is the sum of `logprobs.token_logprobs`, clamped to <= 0
+    against rounding. Raises `ValueError` for a wrong number of choices or missing log-probs.
+    """
+    choices = answer.get("choices")
+    if not isinstance(choices, list) or len(choices) != n_states * k:
+        count = len(choices) if isinstance(choices, list) else "no"
+        raise ValueError(f"{count} choices for {n_states} prompt(s) × n={k}")
+    rows: list[list[Candidate]] = [[] for _ in range(n_states)]
+    empty = truncated = 0
+    for position, choice in enumerate(choices):
+        index = choice.get("index", position)
+        if not isinstance(index, int) or not 0 <= index < n_states * k:
+            raise ValueError(f"choice index {index!r} out of range")
+        logprobs = choice.get("logprobs") or {}
+        token_logprobs = logprobs.get("token_logprobs")
+        if not isinstance(token_logprobs, list) or any(not isinstance(x, (int, float)) for x in token_logprobs):
+            raise ValueError("a choice has no per-token log-probs (the request asked logprobs=1)")
+        if choice.get("finish_reason") == "length":
+            truncated += 1
+        text = (choice.get("text") or "").strip()
+        if not text:
+            empty += 1
+            continue
+        rows[index // k].append(Candidate(text, min(0.0, float(sum(token_logprobs)))))
+    return rows, empty, truncated
+
+
+def _error_message(raw: bytes) -> str:
+    """The server's error text: vLLM/OpenAI `{"error": {"message": ...}}`, `{"message": ...}`
+    or `{"detail": ...}`; else the start of the body."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw[:200].decode("utf-8", "replace") or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        for key in ("message", "detail"):
+            if data.get(key):
+                return str(data[key])
+    return str(data)[:200]
