@@ -120,6 +120,61 @@ class TheoremCatalog:
         raise LookupError(f"unknown theorem {theorem_id!r} in {self.where}")  # pragma: no cover
 
 
+# ------------------------------------------------------------------ model endpoints
+
+
+ENDPOINT_HEALTH_TIMEOUT_S = 2.0  # seconds one /health probe may take
+
+
+def generation_endpoints(config: ServiceConfig) -> list[tuple[str, str]]:
+    """`(member, base_url)` of each model server the workers call (`generators.kind =
+    'openai'`); empty for in-process generators. Raises `ValueError` for an unusable
+    endpoints manifest (the message names the file and the problem)."""
+    g = config.backend.generators
+    if g.kind != "openai":
+        return []
+    if g.url is not None:
+        from prover.generators.openai_client import normalise_base_url
+
+        return [(g.served_model or "openai", normalise_base_url(g.url))]  # named as the client names itself
+    from prover.generators.endpoints import read_endpoints
+
+    return [(m.name, m.base_url) for m in read_endpoints(str(g.endpoints)).members]
+
+
+def endpoint_checks(config: ServiceConfig, timeout_s: float = ENDPOINT_HEALTH_TIMEOUT_S) -> list[Check]:
+    """One readiness fact per member's model server: `GET /health` (vLLM's liveness route)
+    answers 200 within `timeout_s` seconds. Probed concurrently; never raises."""
+    if config.backend.generators.kind != "openai":
+        return []
+    try:
+        endpoints = generation_endpoints(config)
+    except (OSError, ValueError) as err:
+        return [Check("model endpoints", False, str(err), "fix generators.endpoints (written by `dco-prover serve-models`)")]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
+        return list(pool.map(lambda e: _probe_endpoint(e[0], e[1], timeout_s), endpoints))
+
+
+def _probe_endpoint(member: str, base_url: str, timeout_s: float) -> Check:
+    import time
+
+    import httpx
+
+    name = f"model endpoint {member}"
+    fix = f"start the model server of {member!r} (`dco-prover serve-models`) or correct its URL"
+    started = time.monotonic()
+    try:
+        response = httpx.get(f"{base_url}/health", timeout=timeout_s)
+    except httpx.HTTPError as err:
+        return Check(name, False, f"{base_url}: {type(err).__name__}: {err or 'no answer'}", fix)
+    elapsed_ms = 1000 * (time.monotonic() - started)
+    if response.status_code != 200:
+        return Check(name, False, f"{base_url}: /health answered HTTP {response.status_code}", fix)
+    return Check(name, True, f"{base_url}: healthy ({elapsed_ms:.0f} ms)")
+
+
 class WorkerBackend:
     """What one worker process holds: an entered environment and the named generators."""
 
@@ -140,6 +195,10 @@ class WorkerBackend:
             max_new_tokens=g.max_new_tokens,
             fixed_tactics=tuple(g.tactics) if g.tactics else None,
             oracle_seed=g.oracle_seed,
+            # `openai`: clients of the shared model servers; this process loads no model.
+            generator_url=g.url,
+            endpoints=str(g.endpoints) if g.endpoints is not None else None,
+            served_model=g.served_model,
         )
         if kind == "replay":
             env = make_environment("replay", benchmark=backend.replay_data, latency_s=backend.latency_s)

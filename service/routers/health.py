@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.backend import endpoint_checks
 from service.deps import get_state
 from service.schemas import Health, Readiness, ReadinessCheck
 from service.state import ServiceState
@@ -46,6 +47,8 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         checks.append(ReadinessCheck(name="theorem source", ok=True, detail=f"{len(state.catalog)} theorems can be named by theorem_id ({state.catalog.where})"))
     else:
         checks.append(ReadinessCheck(name="theorem source", ok=False, detail=state.catalog_error or "none", how_to_fix="set backend.replay_data / backend.theorem_source"))
+    # Model servers shared by the workers (generators.kind = 'openai'): each member's health.
+    checks.extend(ReadinessCheck(**c.to_json()) for c in endpoint_checks(state.config))
     body = Readiness(
         ready=all(c.ok for c in checks),
         backend=state.plan.kind or "none",
