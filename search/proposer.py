@@ -47,13 +47,23 @@ Proposal = tuple[str, float, str]  # (tactic, natural-log probability <= 0, memb
 ProposeCall = Callable[[Sequence[str], int, "float | None"], list[list[Candidate]]]
 
 
+_ACCEPTS_TIMEOUT: dict[object, bool] = {}  # per propose function (one inspection per class)
+
+
 def accepts_timeout(propose: Callable[..., object]) -> bool:
     """Whether a `propose` method takes the `timeout_s` keyword (or any keyword)."""
+    key = getattr(propose, "__func__", propose)
+    known = _ACCEPTS_TIMEOUT.get(key)
+    if known is not None:
+        return known
     try:
         parameters = inspect.signature(propose).parameters.values()
+        verdict = any(p.name == "timeout_s" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     except (TypeError, ValueError):  # builtins / C callables: assume the current contract
-        return True
-    return any(p.name == "timeout_s" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        verdict = True
+    if len(_ACCEPTS_TIMEOUT) < 1024:
+        _ACCEPTS_TIMEOUT[key] = verdict
+    return verdict
 
 
 def deadline_call(generator: TacticGenerator) -> ProposeCall:

@@ -122,3 +122,26 @@ def test_lock_is_released_after_a_timeout(tiny) -> None:
     done.set()
     t.join()
     assert tiny.propose(STATES[:1], 1, timeout_s=30.0)[0]
+
+
+def test_vllm_offline_engine_waits_and_answers_within_the_deadline(monkeypatch) -> None:
+    """The offline engine cannot be interrupted: a busy engine times out waiting, and an
+    answer finished past the deadline is dropped (GeneratorTimeout), never returned late."""
+    from types import SimpleNamespace
+
+    from prover.generators.vllm_gen import VLLMGenerator
+
+    tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens: [1, 2, 3], eos_token_id=0)
+    gen = VLLMGenerator("unused", name="v", llm=SimpleNamespace(get_tokenizer=lambda: tokenizer))
+    with gen._lock:
+        with pytest.raises(GeneratorTimeout, match="busy"):
+            gen.propose(["⊢ True"], 1, timeout_s=0.1)
+
+    def slow(states, prompts, k):
+        time.sleep(0.3)
+        return [[] for _ in states]
+
+    monkeypatch.setattr(gen, "_generate_locked", slow)
+    with pytest.raises(GeneratorTimeout, match="after the search's deadline"):
+        gen.propose(["⊢ True"], 1, timeout_s=0.1)
+    assert gen.propose(["⊢ True"], 1, timeout_s=5.0) == [[]]
