@@ -175,3 +175,13 @@ def test_a_restarting_actor_is_retried_and_a_dead_one_is_an_error(local_ray, tmp
     with pytest.raises(GeneratorError, match="unavailable after 3 tries") as info:
         RemoteGenerator("m1", dead, backoff_s=(0.05, 0.05)).propose(["⊢ True"], 1, timeout_s=30.0)
     assert info.value.transient and time.monotonic() - started < 10.0
+
+
+def test_a_generator_error_in_the_actor_reaches_the_search_in_its_own_words(local_ray) -> None:
+    failing = ray.remote(RayModel).options(num_cpus=0).remote(error="m0: GPU out of memory for one state")
+    try:
+        with pytest.raises(GeneratorError) as info:
+            RemoteGenerator("m0", failing).propose(["⊢ True"], 1, timeout_s=30.0)
+        assert str(info.value) == "m0: GPU out of memory for one state" and not info.value.transient
+    finally:
+        ray.kill(failing)

@@ -152,6 +152,9 @@ class RemoteGenerator:
             ref = self.handle.propose.remote(list(states), k, remaining)
             try:
                 return ray.get(ref, timeout=remaining)
+            except GeneratorError as err:  # raised in the actor (its batcher's deadline, OOM): its own words
+                cause = getattr(err, "cause", None)  # Ray's RayTaskError(GeneratorError) wraps a traceback around it
+                raise (cause if isinstance(cause, GeneratorError) else err) from None
             except GetTimeoutError:
                 try:
                     ray.cancel(ref)  # the actor may still finish it; the answer goes nowhere
