@@ -165,9 +165,13 @@ def test_two_workers_share_one_model_server_which_batches_their_jobs(tmp_path: P
             ids = [client.post("/v1/proofs", json={"theorem_id": SAMPLE_CONNECTED}).json()["id"] for _ in range(6)]
             done = [wait_for_status(client, job, {"proved", "failed", "error", "cancelled"}, timeout_s=90) for job in ids]
         assert [d["status"] for d in done] == ["proved"] * 6
+        workers = [pid for pid in server.children() if "service.worker_process" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2
+        assert not any("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)  # they hold no model
     finally:
         server.stop()
     stats = shared_model.stats("m1")
+    print("model server batching:", json.dumps(stats))  # shown with -s
     # Both workers' searches reached the one server, which merged their requests into calls.
     assert stats["requests"] >= 12 and stats["calls"] < stats["requests"], stats
     assert stats["requests_per_call"] > 1.2, stats
@@ -185,6 +189,7 @@ def test_a_stalled_endpoint_ends_the_job_at_its_time_limit_with_timeout_and_the_
             job = client.post("/v1/proofs", json={"theorem_id": SAMPLE_CONNECTED, "budget": {"time_limit_s": limit, "tactic_timeout_s": tactic}}).json()
             body = wait_for_status(client, job["id"], {"proved", "failed", "error", "cancelled"}, timeout_s=30)
             elapsed = time.monotonic() - started
+            print(f"stalled endpoint: job answered after {elapsed:.2f} s, search wall time {body['result']['wall_time_s']:.2f} s; error: {body['error']}")
             assert body["status"] == "error" and body["search_status"] == "timeout"
             assert shared_model.url in body["error"] and "time budget" in body["error"], body["error"]
             assert body["result"]["wall_time_s"] <= limit + tactic, body["result"]
