@@ -271,3 +271,11 @@ def test_eval_members_from_an_endpoints_manifest(server, tmp_path) -> None:
     assert len(server.requests) >= len([r for r in searched if r.member != "ensemble"])
     clash = CliRunner().invoke(app, ["eval", "--endpoints", str(endpoints), "--generator", "fixed", "--run-dir", str(tmp_path / "x")])
     assert clash.exit_code == 2 and "drop --models" in clash.output
+
+
+def test_health_reports_reachability_and_the_served_model(server) -> None:
+    assert _gen(server.url).health() == (True, "healthy")
+    ok, detail = _gen(server.url, model="other").health()
+    assert not ok and "does not serve 'other'" in detail and "neff-4" in detail
+    ok, detail = _gen(f"http://127.0.0.1:{free_port()}").health(timeout_s=1)
+    assert not ok and "unreachable" in detail and "ConnectError" in detail

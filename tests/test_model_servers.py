@@ -123,6 +123,20 @@ def test_server_command_and_environment() -> None:
     assert server_environment(cpu, {}) == {"VLLM_CPU_KVCACHE_SPACE": "3"}
 
 
+def test_device_discovery() -> None:
+    from prover.model_servers import discover_devices
+
+    (cpu,) = discover_devices("cpu")
+    assert cpu.device == "cpu" and 0 < cpu.free_bytes <= cpu.total_bytes
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(MemoryPlanError, match="no CUDA GPU"):
+            discover_devices("cuda")
+    with pytest.raises(ValueError, match="auto, cuda or cpu"):
+        discover_devices("tpu")
+
+
 # ----------------------------------------------------------------------------- endpoints manifest
 
 

@@ -4,9 +4,9 @@ against real `/v1/completions` answers.
 
 Log-probs are compared with the transformers generator's re-scoring of the SAME sampled
 tokens (vLLM returns them with `return_tokens_as_token_ids`): both float32 on CPU, the sums
-agree within 1e-3 nats per token (observed differences are ~1e-5: different kernels, same
-math). The model is the tiny Qwen2 with head size 32 (vLLM's CPU attention kernels do not
-support the tiny config's 16) and an EOS row in an untied output layer that makes EOS
+agree within 1e-4 nats per token (observed: at most 1.1e-6 per token, 1.6e-5 per 16-token
+sample; different kernels, same math). The model is the tiny Qwen2 with head size 32
+(vLLM's CPU attention kernels do not support the tiny config's 16) and an EOS row in an untied output layer that makes EOS
 likely, so completions both end with EOS and run into `max_tokens`.
 """
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parent.parent
 STATES = ["x : Nat\n⊢ x + 0 = x", "⊢ True", "a b : Nat\nh : a = b\n⊢ b = a", "n : ℕ\n⊢ 0 < n + 1"]
-TOLERANCE_PER_TOKEN = 1e-3  # nats
+TOLERANCE_PER_TOKEN = 1e-4  # nats; observed: at most 1.1e-6 per token, 1.6e-5 per sample
 
 
 def _tiny_checkpoint(path: Path, seed: int) -> Path:

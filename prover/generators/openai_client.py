@@ -33,6 +33,7 @@ process that talks to the same server.
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -47,7 +48,7 @@ from training.prompt import format_prompt
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 """HTTP statuses worth retrying: overload (429, 503), a restarting or failing engine, a proxy."""
 
-_POOLS: dict[str, httpx.Client] = {}
+_POOLS: dict[tuple[int, str], httpx.Client] = {}  # keyed by pid too: a forked child never reuses its parent's sockets
 _POOLS_LOCK = threading.Lock()
 
 
@@ -65,15 +66,16 @@ def normalise_base_url(url: str) -> str:
 
 def shared_client(base_url: str, *, max_connections: int = 64) -> httpx.Client:
     """The process-wide connection pool for `base_url` (created on first use)."""
+    key = (os.getpid(), base_url)
     with _POOLS_LOCK:
-        client = _POOLS.get(base_url)
+        client = _POOLS.get(key)
         if client is None or client.is_closed:
             client = httpx.Client(
                 base_url=base_url,
                 limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
                 headers={"Content-Type": "application/json"},
             )
-            _POOLS[base_url] = client
+            _POOLS[key] = client
         return client
 
 
@@ -203,7 +205,10 @@ class OpenAICompletionsGenerator:
         """The model name requests carry: the one given, else the only one `/v1/models` lists."""
         if self.model is not None:
             return self.model
-        with self._model_lock:
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._model_lock.acquire(timeout=wait):  # another thread is asking; keep to our own deadline
+            raise GeneratorError(f"{self.name}: no answer from {self.base_url}/v1/models within the search's time budget")
+        try:
             if self.model is None:
                 listing = self._request_with_retries("GET", "/v1/models", None, deadline)
                 ids = [entry.get("id") for entry in listing.get("data", []) if isinstance(entry, dict)]
@@ -214,10 +219,29 @@ class OpenAICompletionsGenerator:
                         transient=False,
                     )
                 self.model = ids[0]
+        finally:
+            self._model_lock.release()
         return self.model
 
+    def health(self, timeout_s: float = 2.0) -> tuple[bool, str]:
+        """(ok, detail): the server answers `GET /health` with 200 and lists the served model
+        in `/v1/models` (when a model is named), within `timeout_s`. For readiness probes."""
+        try:
+            response = self._client.get("/health", timeout=timeout_s)
+            if response.status_code != 200:
+                return False, f"{self.base_url}/health answered HTTP {response.status_code}"
+            if self.model is None:
+                return True, "healthy"
+            listing = self._client.get("/v1/models", timeout=timeout_s).json()
+            ids = [entry.get("id") for entry in listing.get("data", []) if isinstance(entry, dict)]
+        except (httpx.HTTPError, ValueError, AttributeError) as err:
+            return False, f"{self.base_url} unreachable: {type(err).__name__}: {err}"
+        if self.model not in ids:
+            return False, f"{self.base_url} does not serve {self.model!r} (it serves {', '.join(map(str, ids)) or 'nothing'})"
+        return True, "healthy"
+
     def _post_with_retries(self, path: str, body: dict[str, Any], deadline: float | None) -> dict[str, Any]:
-        return self._request_with_retries("POST", path, json.dumps(body).encode(), deadline)
+        return self._request_with_retries("POST", path, json.dumps(body, ensure_ascii=False).encode("utf-8"), deadline)
 
     def _request_with_retries(self, method: str, path: str, content: bytes | None, deadline: float | None) -> dict[str, Any]:
         attempt = 0
