@@ -126,25 +126,27 @@ class TheoremCatalog:
 ENDPOINT_HEALTH_TIMEOUT_S = 2.0  # seconds one /health probe may take
 
 
-def generation_endpoints(config: ServiceConfig) -> list[tuple[str, str]]:
-    """`(member, base_url)` of each model server the workers call (`generators.kind =
-    'openai'`); empty for in-process generators. Raises `ValueError` for an unusable
-    endpoints manifest (the message names the file and the problem)."""
+def generation_endpoints(config: ServiceConfig) -> list[tuple[str, str, str | None]]:
+    """`(member, base_url, served model)` of each model server the workers call
+    (`generators.kind = 'openai'`); empty for in-process generators. Raises `ValueError` for
+    an unusable endpoints manifest (the message names the file and the problem)."""
     g = config.backend.generators
     if g.kind != "openai":
         return []
     if g.url is not None:
         from prover.generators.openai_client import normalise_base_url
 
-        return [(g.served_model or "openai", normalise_base_url(g.url))]  # named as the client names itself
+        # named as the client names itself (prover.runner): its model, else "openai"
+        return [(g.served_model or "openai", normalise_base_url(g.url), g.served_model)]
     from prover.generators.endpoints import read_endpoints
 
-    return [(m.name, m.base_url) for m in read_endpoints(str(g.endpoints)).members]
+    return [(m.name, m.base_url, m.model) for m in read_endpoints(str(g.endpoints)).members]
 
 
 def endpoint_checks(config: ServiceConfig, timeout_s: float = ENDPOINT_HEALTH_TIMEOUT_S) -> list[Check]:
-    """One readiness fact per member's model server: `GET /health` (vLLM's liveness route)
-    answers 200 within `timeout_s` seconds. Probed concurrently; never raises."""
+    """One readiness fact per member's model server: it answers `GET /health` (vLLM's
+    liveness route) and lists the member's served model, within `timeout_s` seconds each
+    (`OpenAICompletionsGenerator.health`). Probed concurrently; never raises."""
     if config.backend.generators.kind != "openai":
         return []
     try:
@@ -154,25 +156,20 @@ def endpoint_checks(config: ServiceConfig, timeout_s: float = ENDPOINT_HEALTH_TI
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
-        return list(pool.map(lambda e: _probe_endpoint(e[0], e[1], timeout_s), endpoints))
+        return list(pool.map(lambda e: _probe_endpoint(*e, timeout_s), endpoints))
 
 
-def _probe_endpoint(member: str, base_url: str, timeout_s: float) -> Check:
+def _probe_endpoint(member: str, base_url: str, model: str | None, timeout_s: float) -> Check:
     import time
 
-    import httpx
+    from prover.generators.openai_client import OpenAICompletionsGenerator
 
-    name = f"model endpoint {member}"
-    fix = f"start the model server of {member!r} (`dco-prover serve-models`) or correct its URL"
     started = time.monotonic()
-    try:
-        response = httpx.get(f"{base_url}/health", timeout=timeout_s)
-    except httpx.HTTPError as err:
-        return Check(name, False, f"{base_url}: {type(err).__name__}: {err or 'no answer'}", fix)
-    elapsed_ms = 1000 * (time.monotonic() - started)
-    if response.status_code != 200:
-        return Check(name, False, f"{base_url}: /health answered HTTP {response.status_code}", fix)
-    return Check(name, True, f"{base_url}: healthy ({elapsed_ms:.0f} ms)")
+    ok, detail = OpenAICompletionsGenerator(base_url, model=model, name=member).health(timeout_s)
+    if ok:
+        return Check(f"model endpoint {member}", True, f"{base_url}: {detail} ({1000 * (time.monotonic() - started):.0f} ms)")
+    fix = f"start the model server of {member!r} (`dco-prover serve-models`) or correct its URL/model in the endpoints manifest"
+    return Check(f"model endpoint {member}", False, detail if base_url in detail else f"{base_url}: {detail}", fix)
 
 
 class WorkerBackend:

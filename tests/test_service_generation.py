@@ -82,11 +82,13 @@ def test_readiness_reports_each_members_endpoint(tmp_path: Path, oracle) -> None
         manifest.write_text(json.dumps({"version": 1, "members": [
             {"name": "m1", "base_url": server.url, "model": "m1"},
             {"name": "m2", "base_url": dead, "model": "m2"},
+            {"name": "m3", "base_url": server.url, "model": "not-served"},
         ]}))
         config = ServiceConfig.model_validate({"backend": _openai_backend(manifest)})
         checks = {c.name: c for c in endpoint_checks(config)}
         assert checks["model endpoint m1"].ok and "healthy" in checks["model endpoint m1"].detail
         assert not checks["model endpoint m2"].ok and dead in checks["model endpoint m2"].detail
+        assert not checks["model endpoint m3"].ok and "does not serve 'not-served'" in checks["model endpoint m3"].detail
         server.healthy = False
         assert "HTTP 503" in {c.name: c for c in endpoint_checks(config)}["model endpoint m1"].detail
     bad = ServiceConfig.model_validate({"backend": _openai_backend(tmp_path / "missing.json")})
