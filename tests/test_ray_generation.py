@@ -4,6 +4,7 @@ generator's deadline and retries."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -75,14 +76,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_address_in_the_environment_joins_that_cluster(monkeypatch) -> None:
+_JOIN_DRIVER = """
+import json, ray
+from prover.eval.config import Distribution, EnvSpec, EvalConfig, MemberSpec, resolve_benchmark
+from prover.eval.ray_backend import RayBackend
+bench = resolve_benchmark("leandojo")
+config = EvalConfig(benchmarks=(bench,), members=(MemberSpec("fixed", "fixed", "fixed"),), env=EnvSpec("replay", (bench.path,)),
+                    distribution=Distribution(use_ray=True, workers=4))
+RayBackend(config)._init_ray(ray)
+print(json.dumps({"cpus": ray.cluster_resources().get("CPU"), "gcs": ray.get_runtime_context().gcs_address}))
+ray.shutdown()
+"""
+
+
+def test_ray_address_in_the_environment_joins_that_cluster() -> None:
     """With `RAY_ADDRESS` set and no `--ray-address`, the backend joins the running cluster
-    (it used to call `ray.init(num_cpus=...)`, which Ray refuses when RAY_ADDRESS names one)."""
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already open in this process")
+    (it used to call `ray.init(num_cpus=...)`, which Ray refuses when RAY_ADDRESS names one).
+    Head and driver are processes of their own: Ray's process-wide state stays untouched here."""
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must fit
     env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a loopback test cluster: no token to share
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
          "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}", "--object-store-memory=80000000"],
@@ -97,15 +112,12 @@ def test_ray_address_in_the_environment_joins_that_cluster(monkeypatch) -> None:
             if time.monotonic() > deadline or head.poll() is not None:
                 pytest.fail("the Ray head did not start")
             time.sleep(0.5)
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-        backend = RayBackend(_config(members=1, workers=4))
-        backend._init_ray(ray)
-        try:
-            assert ray.cluster_resources().get("CPU") == 1.0  # the head's CPUs, not a local cluster of 4
-            assert ray.get_runtime_context().gcs_address.endswith(f":{port}")
-        finally:
-            ray.shutdown()
+        driver = subprocess.run([sys.executable, "-c", _JOIN_DRIVER], env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"),
+                                capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        joined = json.loads(driver.stdout.strip().splitlines()[-1])
+        assert joined["cpus"] == 1.0  # the head's CPUs, not a local cluster of 4
+        assert joined["gcs"].endswith(f":{port}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
