@@ -196,7 +196,8 @@ def combine_union(
     """The ensemble record from the members' records.
 
     Status: PROVED with the winner's proof; else FAILED with the first rejected proof if a
-    member had one; else CANCELLED if the cancel event fired; else TIMEOUT if any member
+    member had one; else CANCELLED if the cancel event fired; else ERROR if any member
+    ended with an error (its generator failed); else TIMEOUT if any member
     timed out, BUDGET_EXHAUSTED if any used its budget, FAILED if every member exhausted
     its search space.
     """
@@ -221,6 +222,8 @@ def combine_union(
             combined.verification_message = rejected.verification_message
         elif cancelled:
             combined.status = Status.CANCELLED
+        elif Status.ERROR in statuses:  # a member's generation layer failed: not a search outcome
+            combined.status = Status.ERROR
         elif Status.TIMEOUT in statuses:
             combined.status = Status.TIMEOUT
         elif Status.BUDGET_EXHAUSTED in statuses:
@@ -234,6 +237,9 @@ def combine_union(
         for message in r.errors:
             if len(combined.errors) < MAX_ERROR_MESSAGES:
                 combined.errors.append(f"[{name}] {message}")
+    for name, r in members.items():  # the cause that ended a member's search is always kept
+        if r.status in (Status.ERROR, Status.TIMEOUT) and r.errors and f"[{name}] {r.errors[-1]}" not in combined.errors:
+            combined.errors.append(f"[{name}] {r.errors[-1]}")
     combined.wall_time_s = wall_time_s
     return combined
 

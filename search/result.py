@@ -12,7 +12,7 @@ class Status(str, enum.Enum):
     FAILED = "failed"  # the search space was exhausted (every node failed) without a proof
     BUDGET_EXHAUSTED = "budget_exhausted"  # expansions/passes used up
     TIMEOUT = "timeout"  # wall-clock limit reached
-    ERROR = "error"  # the environment could not start, or an unrecoverable error
+    ERROR = "error"  # the environment could not start, the generation layer failed (cause in errors), or another unrecoverable error
     CANCELLED = "cancelled"  # stopped from outside (a cancel event, or another union member proved it)
 
 

@@ -5,7 +5,9 @@ Every environment call and every generator call of a search goes through one
 
 - checks the cancel event and the wall-clock deadline *before* the call and raises
   `StopSearch` when either fired (so a search overshoots its time limit by at most one
-  call: one tactic timeout for Lean, one generator call for the model);
+  tactic timeout: a Lean call gets `min(tactic_timeout_s, remaining)`, and a generator
+  call gets the remaining time as its `timeout_s`, its late answers dropped — see
+  `search.proposer`);
 - passes `min(tactic_timeout_s, remaining)` to `env.apply` as its timeout;
 - turns exceptions and malformed answers of the environment into `Failed(CRASH)` results
   recorded in the error log, so they never crash a search;
@@ -65,9 +67,11 @@ class ErrorLog:
         self.messages: list[str] = []
         self.counts: dict[str, int] = {}
 
-    def record(self, kind: str, message: str) -> None:
+    def record(self, kind: str, message: str, *, keep: bool = False) -> None:
+        """Count `kind`; keep `message` while there is room, or always with `keep` (the
+        cause that ended a search must reach the record even after many other errors)."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        if len(self.messages) < MAX_ERROR_MESSAGES:
+        if keep or len(self.messages) < MAX_ERROR_MESSAGES:
             self.messages.append(f"{kind}: {message}")
 
 

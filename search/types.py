@@ -152,3 +152,8 @@ class GeneratorError(RuntimeError):
     def __init__(self, message: str, *, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class GeneratorTimeout(GeneratorError):
+    """The generator gave no answer within the `timeout_s` it was given (a stalled or
+    overloaded model). The search ends with status TIMEOUT and this message as the cause."""

@@ -120,6 +120,58 @@ class TheoremCatalog:
         raise LookupError(f"unknown theorem {theorem_id!r} in {self.where}")  # pragma: no cover
 
 
+# ------------------------------------------------------------------ model endpoints
+
+
+ENDPOINT_HEALTH_TIMEOUT_S = 2.0  # seconds one /health probe may take
+
+
+def generation_endpoints(config: ServiceConfig) -> list[tuple[str, str, str | None]]:
+    """`(member, base_url, served model)` of each model server the workers call
+    (`generators.kind = 'openai'`); empty for in-process generators. Raises `ValueError` for
+    an unusable endpoints manifest (the message names the file and the problem)."""
+    g = config.backend.generators
+    if g.kind != "openai":
+        return []
+    if g.url is not None:
+        from prover.generators.openai_client import normalise_base_url
+
+        # named as the client names itself (prover.runner): its model, else "openai"
+        return [(g.served_model or "openai", normalise_base_url(g.url), g.served_model)]
+    from prover.generators.endpoints import read_endpoints
+
+    return [(m.name, m.base_url, m.model) for m in read_endpoints(str(g.endpoints)).members]
+
+
+def endpoint_checks(config: ServiceConfig, timeout_s: float = ENDPOINT_HEALTH_TIMEOUT_S) -> list[Check]:
+    """One readiness fact per member's model server: it answers `GET /health` (vLLM's
+    liveness route) and lists the member's served model, within `timeout_s` seconds each
+    (`OpenAICompletionsGenerator.health`). Probed concurrently; never raises."""
+    if config.backend.generators.kind != "openai":
+        return []
+    try:
+        endpoints = generation_endpoints(config)
+    except (OSError, ValueError) as err:
+        return [Check("model endpoints", False, str(err), "fix generators.endpoints (written by `dco-prover serve-models`)")]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
+        return list(pool.map(lambda e: _probe_endpoint(*e, timeout_s), endpoints))
+
+
+def _probe_endpoint(member: str, base_url: str, model: str | None, timeout_s: float) -> Check:
+    import time
+
+    from prover.generators.openai_client import OpenAICompletionsGenerator
+
+    started = time.monotonic()
+    ok, detail = OpenAICompletionsGenerator(base_url, model=model, name=member).health(timeout_s)
+    if ok:
+        return Check(f"model endpoint {member}", True, f"{base_url}: {detail} ({1000 * (time.monotonic() - started):.0f} ms)")
+    fix = f"start the model server of {member!r} (`dco-prover serve-models`) or correct its URL/model in the endpoints manifest"
+    return Check(f"model endpoint {member}", False, detail if base_url in detail else f"{base_url}: {detail}", fix)
+
+
 class WorkerBackend:
     """What one worker process holds: an entered environment and the named generators."""
 
@@ -140,6 +192,10 @@ class WorkerBackend:
             max_new_tokens=g.max_new_tokens,
             fixed_tactics=tuple(g.tactics) if g.tactics else None,
             oracle_seed=g.oracle_seed,
+            # `openai`: clients of the shared model servers; this process loads no model.
+            generator_url=g.url,
+            endpoints=str(g.endpoints) if g.endpoints is not None else None,
+            served_model=g.served_model,
         )
         if kind == "replay":
             env = make_environment("replay", benchmark=backend.replay_data, latency_s=backend.latency_s)

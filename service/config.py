@@ -91,10 +91,18 @@ class GeneratorConfig(_Strict):
     `oracle`: the replay data's recorded tactics among distractors (replay backend only: a
     demo that proves most connected sample theorems). `fixed`: a fixed tactic list
     (`tactics`, or the default list). `model`: `models` (checkpoint directories or
-    `tiny-qwen2`) and/or the trainer's `ensemble_manifest`; each becomes an ensemble member.
+    `tiny-qwen2`) and/or the trainer's `ensemble_manifest`; each becomes an ensemble member,
+    loaded in-process by every worker — the one-user demo (one worker). `openai`: the model
+    servers (`vllm serve` per member, `dco-prover serve-models`) named by the endpoints
+    manifest `endpoints` (or one server at `url`, serving `served_model`): the workers hold
+    no model, they are clients, so N workers share one set of engines, which batch the
+    workers' concurrent requests. `/readyz` reports each member's endpoint health.
     """
 
-    kind: Literal["oracle", "fixed", "model"] = "fixed"
+    kind: Literal["oracle", "fixed", "model", "openai"] = "fixed"
+    endpoints: Path | None = Field(None, description="endpoints manifest (JSON) of the model servers, written by serve-models")
+    url: str | None = Field(None, description="one model server's root, http://host:port (instead of endpoints)")
+    served_model: str | None = Field(None, description="with url: the served model name (default: the server's only model)")
     tactics: list[str] | None = None
     models: list[str] = Field(default_factory=list)
     ensemble_manifest: Path | None = None
@@ -110,6 +118,12 @@ class GeneratorConfig(_Strict):
             raise ValueError("generators.kind = 'model' needs generators.models or generators.ensemble_manifest")
         if self.kind != "model" and (self.models or self.ensemble_manifest is not None):
             raise ValueError(f"generators.models/ensemble_manifest need generators.kind = 'model', not {self.kind!r}")
+        if self.kind == "openai" and (self.endpoints is None) == (self.url is None):
+            raise ValueError("generators.kind = 'openai' needs exactly one of generators.endpoints (a manifest) or generators.url")
+        if self.kind != "openai" and (self.endpoints is not None or self.url is not None or self.served_model is not None):
+            raise ValueError(f"generators.endpoints/url/served_model need generators.kind = 'openai', not {self.kind!r}")
+        if self.served_model is not None and self.url is None:
+            raise ValueError("generators.served_model goes with generators.url (a manifest names each member's model)")
         return self
 
 
@@ -143,6 +157,16 @@ class ServiceConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _in_process_models_for_one_worker(self) -> "ServiceConfig":
+        if self.backend.generators.kind == "model" and self.workers.count > 1:
+            raise ValueError(
+                f"generators.kind = 'model' loads every model into each of the {self.workers.count} workers; in-process "
+                "models are for the one-user demo (workers.count: 1). For more workers, serve the models once "
+                "(`dco-prover serve-models`) and set generators.kind = 'openai' with generators.endpoints"
+            )
+        return self
 
     @property
     def keys_path(self) -> Path:
@@ -202,5 +226,7 @@ def _resolve_paths(config: ServiceConfig, base: Path) -> ServiceConfig:
         backend = backend.model_copy(
             update={"generators": backend.generators.model_copy(update={"ensemble_manifest": p})}
         )
+    if (p := fix(backend.generators.endpoints)) is not None:
+        backend = backend.model_copy(update={"generators": backend.generators.model_copy(update={"endpoints": p})})
     config.backend = backend
     return config

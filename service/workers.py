@@ -49,12 +49,34 @@ _JOB_STATUS = {
 }
 
 
+# Error-log kinds (`search.proposer`) that say the generation layer (a model server, an
+# actor, an in-process model) failed or ran out of the search's time: an infrastructure
+# outcome, never a search's `failed`.
+GENERATION_FAILURE_KINDS = ("generator_error:", "generator_timeout:", "generator_late:")
+
+
+def generation_cause(result: dict[str, Any]) -> str | None:
+    """The message of the generation-layer failure that ended a search, if one did (the
+    last such entry of the result's error log; ensemble entries carry a `[member] ` prefix)."""
+    if result.get("status") not in ("error", "timeout"):
+        return None
+    for message in reversed(result.get("errors") or []):
+        text = message.split("] ", 1)[1] if message.startswith("[") and "] " in message else message
+        if text.startswith(GENERATION_FAILURE_KINDS):
+            return message
+    return None
+
+
 def job_status_of(result: dict[str, Any], cancel_requested: bool) -> JobStatus:
     """The job status for a search result. A search stopped by a cancel is `cancelled`
-    unless it had already found its proof (a verified proof is always reported)."""
+    unless it had already found its proof (a verified proof is always reported). A search
+    ended by its generation layer (a model endpoint down, stalled past the time limit) is
+    `error` — with `search_status` `timeout` when it ran out of time — never `failed`."""
     status = _JOB_STATUS.get(result.get("status", ""), JobStatus.ERROR)
     if cancel_requested and status is not JobStatus.PROVED:
         return JobStatus.CANCELLED
+    if status is not JobStatus.PROVED and generation_cause(result) is not None:
+        return JobStatus.ERROR
     return status
 
 
@@ -385,7 +407,7 @@ class WorkerSlot(threading.Thread):
             elif event == "result" and message.get("job_id") == job.id:
                 result = message["result"]
                 status = job_status_of(result, self._cancel.is_set())
-                self._finish(job, status, result, None)
+                self._finish(job, status, result, generation_cause(result) if status is JobStatus.ERROR else None)
                 return
             elif event == "job_error" and message.get("job_id") == job.id:
                 self._finish(job, JobStatus.ERROR, None, message.get("message", "worker error"))

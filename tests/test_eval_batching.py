@@ -136,3 +136,62 @@ def test_adaptive_window_merges_searches_that_return_from_lean_at_different_time
                 t.join()
             rates[label] = batcher.stats().states_per_call
     assert rates["adaptive"] >= 5.5 and rates["adaptive"] > rates["fixed-0"], rates
+
+
+# ----------------------------------------------------------------------------- deadlines
+
+
+class DeadlineEcho(EchoGenerator):
+    """An `EchoGenerator` that takes the deadline and records it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeouts: list[float | None] = []
+
+    def propose(self, states, k, *, timeout_s=None):
+        self.timeouts.append(timeout_s)
+        return super().propose(states, k)
+
+
+def test_a_caller_stops_waiting_at_its_deadline_and_the_late_answer_is_dropped() -> None:
+    from search.types import GeneratorTimeout
+
+    inner = DeadlineEcho(delay_s=0.5)
+    with BatchingGenerator(inner, max_wait_s=0.0) as batcher:
+        started = time.monotonic()
+        with pytest.raises(GeneratorTimeout, match="in a call"):
+            batcher.propose(["a"], 1, timeout_s=0.15)
+        assert time.monotonic() - started < 0.4  # did not wait for the 0.5 s call
+        assert inner.timeouts and 0.1 <= inner.timeouts[0] <= 0.15  # the inner call got the deadline
+        # A caller without a deadline is served normally afterwards (the late answer went nowhere).
+        assert batcher.propose(["b"], 1) == [[Candidate("b#0", -0.0)]]
+        assert batcher.stats().timed_out == 1
+
+
+def test_a_queued_request_is_withdrawn_at_its_deadline() -> None:
+    from search.types import GeneratorTimeout
+
+    inner = DeadlineEcho(delay_s=0.4, serial=True)
+    with BatchingGenerator(inner, max_wait_s=0.0, max_batch_states=1) as batcher:
+        first = threading.Thread(target=batcher.propose, args=(["busy"], 1))
+        first.start()
+        time.sleep(0.05)  # "busy" is in the call; "late" queues behind it
+        with pytest.raises(GeneratorTimeout, match="still queued"):
+            batcher.propose(["late"], 1, timeout_s=0.1)
+        first.join()
+    assert [states for states, _ in inner.calls] == [["busy"]]  # the withdrawn request never ran
+
+
+def test_the_batched_call_gets_the_latest_deadline_of_its_requests() -> None:
+    inner = DeadlineEcho()
+    with BatchingGenerator(inner, max_wait_s=0.2, expected_clients=2) as batcher:
+        out: list = []
+        threads = [
+            threading.Thread(target=lambda t=t: out.append(batcher.propose([f"s{t}"], 1, timeout_s=t)))
+            for t in (5.0, 20.0)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(inner.calls) == 1 and 19.0 < inner.timeouts[0] <= 20.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -70,9 +71,9 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(help="The first N theorems of each benchmark only.")] = None,
     workers: Annotated[int, typer.Option(help="Prover workers (Ray actors or threads), each with its own environment.")] = 1,
     ray: Annotated[Optional[bool], typer.Option("--ray/--no-ray", help="Ray actors (default: when installed and --workers > 1 or --ray-address).")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead of starting a local one.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead of starting a local one (default: $RAY_ADDRESS when set).")] = None,
     cpus_per_prover: Annotated[float, typer.Option(help="Ray CPUs per prover actor.")] = 1.0,
-    gpu_fraction_per_model: Annotated[float, typer.Option(help="Ray GPUs per generator actor (several models share a GPU); also vLLM's memory fraction.")] = 0.0,
+    gpu_fraction_per_model: Annotated[float, typer.Option(help="Ray GPUs per generator actor (several models share a GPU; 0: planned from the cluster's GPUs); vLLM's memory fraction follows it.")] = 0.0,
     max_retries: Annotated[int, typer.Option(help="Retries of a theorem whose worker died, before it is recorded as an error.")] = 2,
     task_timeout: Annotated[Optional[float], typer.Option(help="Seconds before a theorem's worker is presumed hung and replaced (default: from the budget).")] = None,
     batch_wait_ms: Annotated[Optional[float], typer.Option(help="Generator batcher: ms to wait for more states (default: adaptive, a quarter of a generate call).")] = None,
@@ -106,7 +107,7 @@ def eval_command(
             raise EvalConfigError("beam search is not offered through model servers: sample (drop --beam)")
         use_ray = ray
         if use_ray is None:
-            use_ray = importlib.util.find_spec("ray") is not None and (workers > 1 or ray_address is not None)
+            use_ray = importlib.util.find_spec("ray") is not None and (workers > 1 or bool(ray_address or os.environ.get("RAY_ADDRESS")))
         elif use_ray and importlib.util.find_spec("ray") is None:
             raise EvalConfigError("--ray asked but Ray is not installed: pip install -e '.[dist]' (or use --no-ray)")
         config = EvalConfig(

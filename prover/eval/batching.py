@@ -15,10 +15,15 @@ window is `max_wait_s`, or by default a quarter of the recent generate-call time
 exponential average), clamped to [1 ms, 100 ms]: waiting a fraction of a call to make the
 call fuller is worth it when a call's fixed cost dominates, as on a GPU.
 
+Deadlines: a caller's `timeout_s` (the seconds left in its search) bounds its wait. A
+caller whose time runs out gets `GeneratorTimeout`; if its request was still queued it is
+withdrawn, and if it was already in a call its answer is dropped when it arrives. The
+inner call gets the latest deadline among the requests it serves (None if any has none).
+
 Invariants: every request is answered exactly once (with its candidates or with the
-exception of the call that served it); the answer of request `r` is `inner`'s output for
-exactly `r.states`, in order; a request is never split across calls (a request larger
-than `max_batch_states` is served alone).
+exception of the call that served it), or abandoned by its caller at its deadline; the
+answer of request `r` is `inner`'s output for exactly `r.states`, in order; a request is
+never split across calls (a request larger than `max_batch_states` is served alone).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from search.types import Candidate, TacticGenerator
+from search.proposer import deadline_call
+from search.types import Candidate, GeneratorTimeout, TacticGenerator
 
 
 @dataclass
@@ -36,9 +42,11 @@ class _Request:
     states: list[str]
     k: int
     arrived: float
+    deadline: float | None = None  # monotonic seconds; None: the caller waits as long as it takes
     done: threading.Event = field(default_factory=threading.Event)
     result: list[list[Candidate]] | None = None
     error: BaseException | None = None
+    abandoned: bool = False  # the caller stopped waiting at its deadline
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,7 @@ class BatchingStats:
     states: int
     max_states_per_call: int
     generate_time_s: float
+    timed_out: int = 0  # requests whose caller stopped waiting at its deadline
 
     @property
     def states_per_call(self) -> float:
@@ -68,6 +77,7 @@ class BatchingStats:
             "states_per_call": self.states_per_call,
             "requests_per_call": self.requests_per_call,
             "generate_time_s": self.generate_time_s,
+            "timed_out": self.timed_out,
         }
 
 
@@ -101,6 +111,8 @@ class BatchingGenerator:
             raise ValueError(f"expected_clients must be >= 1, got {expected_clients!r}")
         self.inner = inner
         self.name = inner.name
+        self._inner_call = deadline_call(inner)
+        self._timed_out = 0
         self.max_batch_states = max_batch_states
         self.max_wait_s = max_wait_s
         self.expected_clients = expected_clients
@@ -115,20 +127,31 @@ class BatchingGenerator:
 
     # ----------------------------------------------------------------- client side
 
-    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        """The inner generator's answer for `states`, from a shared call; `GeneratorTimeout`
+        when `timeout_s` seconds pass first (see the module docstring)."""
         if k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         states = list(states)
         if not states:
             return []
-        request = _Request(states, k, time.monotonic())
+        now = time.monotonic()
+        request = _Request(states, k, now, None if timeout_s is None else now + timeout_s)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"batching generator {self.name!r} is closed")
             self._ensure_thread()
             self._pending.append(request)
             self._cond.notify_all()
-        request.done.wait()
+        if not request.done.wait(timeout_s):
+            with self._cond:
+                if not request.done.is_set():
+                    request.abandoned = True
+                    self._timed_out += 1
+                    queued = "still queued" if request in self._pending else "in a call; its answer will be dropped"
+                    if request in self._pending:
+                        self._pending.remove(request)
+                    raise GeneratorTimeout(f"{self.name}: no answer within {timeout_s:.2f} s (request {queued}; batched generator)")
         if request.error is not None:
             raise request.error
         assert request.result is not None
@@ -136,7 +159,7 @@ class BatchingGenerator:
 
     def stats(self) -> BatchingStats:
         with self._cond:
-            return BatchingStats(self._calls, self._requests, self._states, self._max_states, self._generate_time)
+            return BatchingStats(self._calls, self._requests, self._states, self._max_states, self._generate_time, self._timed_out)
 
     def close(self) -> None:
         """Stop the dispatcher after it has answered every queued request."""
@@ -204,8 +227,10 @@ class BatchingGenerator:
                 return
             states = [s for r in batch for s in r.states]
             started = time.monotonic()
+            deadlines = [r.deadline for r in batch]
+            timeout_s = None if None in deadlines else max(0.0, max(deadlines) - started)  # type: ignore[type-var]
             try:
-                output = self.inner.propose(states, batch[0].k)
+                output = self._inner_call(states, batch[0].k, timeout_s)
                 if len(output) != len(states):
                     raise RuntimeError(f"generator {self.name!r} answered {len(output)} states for {len(states)} asked")
             except BaseException as err:  # noqa: BLE001 - handed to every caller of this batch

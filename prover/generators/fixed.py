@@ -65,7 +65,8 @@ class FixedTacticGenerator:
         self.name = name
         self.candidates = [Candidate(tactic, score) for tactic, score in scored]
 
-    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        """`timeout_s` is accepted for the contract; answering takes microseconds."""
         if k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return [list(self.candidates[:k]) for _ in states]

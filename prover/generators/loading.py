@@ -10,9 +10,10 @@ say which member found a proof.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from prover.generators.transformers_gen import TransformersGenerator
+if TYPE_CHECKING:  # torch is imported only when a model is loaded: clients of model servers never need it
+    from prover.generators.transformers_gen import TransformersGenerator
 
 
 class GeneratorLoadError(RuntimeError):
@@ -37,7 +38,8 @@ def _check_checkpoint(path: Path, what: str) -> None:
         raise GeneratorLoadError(f"{what}: {path} has no config.json: not a checkpoint written by the trainer")
 
 
-def _load(path_or_name: str | Path, name: str, what: str, options: dict[str, Any]) -> TransformersGenerator:
+def _load(path_or_name: str | Path, name: str, what: str, options: dict[str, Any]) -> "TransformersGenerator":
+    from prover.generators.transformers_gen import TransformersGenerator
     from training.modeling import ModelLoadError
 
     try:
@@ -53,7 +55,7 @@ def load_generators(
     device: str | None = None,
     dtype: str | None = None,
     **options: Any,
-) -> dict[str, TransformersGenerator]:
+) -> dict[str, "TransformersGenerator"]:
     """Generators for `models` (checkpoint paths or `tiny-qwen2`) and/or the members of
     `ensemble_manifest`, in that order. `options` go to `TransformersGenerator` (temperature,
     max_new_tokens, beam_search, ...). Raises `GeneratorLoadError` naming the missing or
@@ -76,7 +78,7 @@ def load_generators(
         entries.append((next(path_names), path, f"model {str(model)!r}"))
     if ensemble_manifest is not None:
         entries.extend(_manifest_entries(Path(ensemble_manifest)))
-    generators: dict[str, TransformersGenerator] = {}
+    generators: dict[str, "TransformersGenerator"] = {}
     for name, source, what in entries:
         if name in generators:
             raise GeneratorLoadError(f"{what}: generator name {name!r} is used twice; give the checkpoints distinct names")

@@ -80,7 +80,8 @@ class OracleGenerator:
             self._support.setdefault(state, candidates)
         return candidates
 
-    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        """`timeout_s` is accepted for the contract; answering takes microseconds."""
         if k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         out: list[list[Candidate]] = []

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from search.types import Candidate
+from search.types import Candidate, GeneratorError, GeneratorTimeout
 from training.losses import IGNORE_INDEX, sequence_logprobs
 from training.prompt import format_prompt
 
@@ -47,10 +49,15 @@ class GenerationStats:
     sequences: int = 0
     truncated: int = 0
     oom_splits: int = 0  # batches split in half after a GPU out-of-memory
+    fitting_batch_states: int | None = None  # after an OOM: the batch size (states) kept since
 
 
-class GeneratorOutOfMemory(RuntimeError):
-    """Even one state's generation does not fit in GPU memory; the message says what to lower."""
+class GeneratorOutOfMemory(GeneratorError):
+    """Even one state's generation does not fit in GPU memory; the message says what to lower.
+    Not transient: the same state and settings will not fit next time either."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
 
 
 class TransformersGenerator:
@@ -64,10 +71,16 @@ class TransformersGenerator:
     - beam search (`beam_search=True`): the `k` best beams (`num_beams = k`), distinct.
 
     `max_batch_states` bounds how many states share one `generate` call (each expands to
-    `k` sequences); `max_rescore_tokens` bounds the logits materialised at once while
-    re-scoring (rows × completion length × vocabulary, in elements).
+    `k` sequences); after a GPU out-of-memory the batch is halved and the size that fits is
+    remembered for later calls (`stats.fitting_batch_states`; it only shrinks).
+    `max_rescore_tokens` bounds the logits materialised at once while re-scoring (rows ×
+    completion length × vocabulary, in elements).
     Calls are serialised by a lock: one model, one forward at a time. Sampling draws from
     torch's global RNG (`torch.manual_seed` makes runs reproducible).
+
+    Deadline (`timeout_s`, seconds): waiting for the lock stops at it, decoding is capped by
+    `generate(max_time=...)`, and a call whose time ran out raises `GeneratorTimeout`
+    rather than answer late.
     """
 
     def __init__(
@@ -124,6 +137,7 @@ class TransformersGenerator:
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
         self.stats = GenerationStats()
         self._lock = threading.Lock()
+        self._deadline: float | None = None  # monotonic seconds; set for the call holding the lock
 
     @classmethod
     def load(cls, model_path: str | Path, **options: Any) -> "TransformersGenerator":
@@ -137,40 +151,76 @@ class TransformersGenerator:
 
     # ---------------------------------------------------------------- proposing
 
-    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
-        return [[Candidate(g.text, g.logprob) for g in row] for row in self.generate(states, k)]
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        return [[Candidate(g.text, g.logprob) for g in row] for row in self.generate(states, k, timeout_s=timeout_s)]
 
-    def generate(self, states: Sequence[str], k: int) -> list[list[GeneratedTactic]]:
-        """`k` completions per state (samples or beams), with their tokens and exact log-probs."""
+    def generate(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[GeneratedTactic]]:
+        """`k` completions per state (samples or beams), with their tokens and exact log-probs.
+        Raises `GeneratorTimeout` when `timeout_s` seconds pass first, `GeneratorOutOfMemory`
+        when one state does not fit."""
         if k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        out: list[list[GeneratedTactic]] = []
-        with self._lock, torch.inference_mode():
-            self.stats.calls += 1
-            self.stats.states += len(states)
-            for start in range(0, len(states), self.max_batch_states):
-                out.extend(self._generate_halving(list(states[start : start + self.max_batch_states]), k))
-        return out
-
-    def _generate_halving(self, states: list[str], k: int) -> list[list[GeneratedTactic]]:
-        """`_generate_batch`, splitting the batch in halves on GPU out-of-memory.
-
-        A single state that still does not fit raises `GeneratorOutOfMemory` (the search
-        records it as a generator error of that step; nothing else is lost)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if timeout_s is not None and timeout_s <= 0:
+            raise GeneratorTimeout(f"{self.name}: no time left for a generate call")
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            raise GeneratorTimeout(f"{self.name}: the model stayed busy with other calls for {timeout_s:.2f} s")
         try:
-            return self._generate_batch(states, k)
-        except torch.cuda.OutOfMemoryError as err:
+            self._deadline = deadline
+            out: list[list[GeneratedTactic]] = []
+            with torch.inference_mode():
+                self.stats.calls += 1
+                self.stats.states += len(states)
+                out = self._generate_fitting(list(states), k)
+            return out
+        finally:
+            self._deadline = None
+            self._lock.release()
+
+    def _batch_limit(self) -> int:
+        fit = self.stats.fitting_batch_states
+        return self.max_batch_states if fit is None else min(self.max_batch_states, fit)
+
+    def _generate_fitting(self, states: list[str], k: int) -> list[list[GeneratedTactic]]:
+        """`_generate_batch` over batches that fit: on GPU out-of-memory a batch is halved,
+        and the halved size is kept for the rest of this call and later calls.
+
+        The retry happens outside the `except` block: inside it the exception's traceback
+        holds the failed attempt's frames, and with them its tensors, so they could not be
+        freed before the retry. A single state that still does not fit raises
+        `GeneratorOutOfMemory` (the search ends with ERROR and this message)."""
+        out: list[list[GeneratedTactic]] = []
+        todo: deque[list[str]] = deque()
+        limit = self._batch_limit()
+        for start in range(0, len(states), limit):
+            todo.append(states[start : start + limit])
+        while todo:
+            chunk = todo.popleft()
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                raise GeneratorTimeout(f"{self.name}: the search's deadline passed with {sum(map(len, todo)) + len(chunk)} states left to generate")
+            failure: str | None = None
+            try:
+                rows = self._generate_batch(chunk, k)
+            except torch.cuda.OutOfMemoryError as err:
+                failure = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+            if failure is None:
+                out.extend(rows)
+                continue
+            # Outside the except block: the failed attempt's frames and tensors are released.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if len(states) == 1:
+            if len(chunk) == 1:
                 raise GeneratorOutOfMemory(
                     f"{self.name}: GPU out of memory generating {k} samples for one state of "
-                    f"{len(self.prompt_ids(states[0]))} prompt tokens; lower k, max_new_tokens or "
+                    f"{len(self.prompt_ids(chunk[0]))} prompt tokens ({failure}); lower k, max_new_tokens or "
                     f"max_prompt_tokens, or use a bigger GPU"
-                ) from err
+                )
             self.stats.oom_splits += 1
-            half = len(states) // 2
-            return self._generate_halving(states[:half], k) + self._generate_halving(states[half:], k)
+            half = len(chunk) // 2
+            self.stats.fitting_batch_states = min(half, self._batch_limit())
+            todo.appendleft(chunk[half:])
+            todo.appendleft(chunk[:half])
+        return out
 
     def prompt_ids(self, state: str) -> list[int]:
         """The prompt tokens of `state` (no padding), as the model sees them."""
@@ -199,6 +249,8 @@ class TransformersGenerator:
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
         )
+        if self._deadline is not None:  # decoding stops at the deadline (the answer is then dropped)
+            options["max_time"] = max(0.0, self._deadline - time.monotonic())
         if self.beam_search:
             options.update(do_sample=False, num_beams=k, early_stopping=True, length_penalty=0.0)
         else:
@@ -210,6 +262,8 @@ class TransformersGenerator:
                 top_p=self.top_p if self.top_p is not None else 1.0,
             )
         sequences = self.model.generate(input_ids=input_ids, attention_mask=prompt_mask, **options)
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise GeneratorTimeout(f"{self.name}: decoding reached the search's deadline; the cut-short samples are dropped")
         prompt_len = input_ids.shape[1]
         completion = sequences[:, prompt_len:]
         comp_mask = completion_mask(completion, self.eos_id)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from search.types import Candidate
+from search.types import Candidate, GeneratorTimeout
 from training.prompt import format_prompt
 
 log = logging.getLogger(__name__)
@@ -204,30 +205,45 @@ class VLLMGenerator:
             prompts.append({"prompt_token_ids": ids})
         return prompts
 
-    def propose(self, states: Sequence[str], k: int) -> list[list[Candidate]]:
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
+        """`timeout_s` (seconds): waiting for the engine stops at it (`GeneratorTimeout`); the
+        offline engine cannot be interrupted, so an answer finished past it is dropped
+        (`GeneratorTimeout`) — the model-server path interrupts for real."""
         if k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if not states:
             return []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         prompts = self._prompts(states)
-        with self._lock:
-            if self.beam_search:
-                from vllm.sampling_params import BeamSearchParams
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            raise GeneratorTimeout(f"{self.name}: the vLLM engine stayed busy with other calls for {timeout_s:.2f} s")
+        try:
+            answer = self._generate_locked(states, prompts, k)
+        finally:
+            self._lock.release()
+        if deadline is not None and time.monotonic() > deadline:
+            raise GeneratorTimeout(f"{self.name}: the vLLM engine answered after the search's deadline; answer dropped")
+        return answer
 
-                params = BeamSearchParams(beam_width=k, max_tokens=self.max_new_tokens)
-                outputs = self.llm.beam_search(prompts, params)
-                return candidates_from_beam_outputs(
-                    outputs,
-                    [len(p["prompt_token_ids"]) for p in prompts],
-                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                    self.tokenizer.eos_token_id,
-                    self.stats,
-                )
-            from vllm import SamplingParams
+    def _generate_locked(self, states: Sequence[str], prompts: list[dict[str, list[int]]], k: int) -> list[list[Candidate]]:
+        """One engine call; the caller holds `self._lock` (`LLM` is not thread-safe)."""
+        if self.beam_search:
+            from vllm.sampling_params import BeamSearchParams
 
-            params = SamplingParams(n=k, temperature=self.temperature, max_tokens=self.max_new_tokens, logprobs=self.logprobs)
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            return candidates_from_request_outputs(outputs, len(states), self.stats)
+            params = BeamSearchParams(beam_width=k, max_tokens=self.max_new_tokens)
+            outputs = self.llm.beam_search(prompts, params)
+            return candidates_from_beam_outputs(
+                outputs,
+                [len(p["prompt_token_ids"]) for p in prompts],
+                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                self.tokenizer.eos_token_id,
+                self.stats,
+            )
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=k, temperature=self.temperature, max_tokens=self.max_new_tokens, logprobs=self.logprobs)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return candidates_from_request_outputs(outputs, len(states), self.stats)
 
 
 def load_vllm_or_fallback(source: str, *, name: str, options: Any) -> Any:

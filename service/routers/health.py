@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.backend import endpoint_checks
 from service.deps import get_state
 from service.schemas import Health, Readiness, ReadinessCheck
 from service.state import ServiceState
@@ -50,6 +51,8 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
 
     sandbox = sandbox_check()
     checks.append(ReadinessCheck(name="lean sandbox", ok=sandbox.ok or not sandbox.required, detail=sandbox.detail, how_to_fix=sandbox.how_to_fix))
+    # Model servers shared by the workers (generators.kind = 'openai'): each member's health.
+    checks.extend(ReadinessCheck(**c.to_json()) for c in endpoint_checks(state.config))
     body = Readiness(
         ready=all(c.ok for c in checks),
         backend=state.plan.kind or "none",
