@@ -150,9 +150,10 @@ def test_final_checkpoint_loads_with_from_pretrained_and_metrics_are_logged(tmp_
     for record in records:
         assert {"loss", "mean_F", "discarded", "tokens_per_s", "lr", "epoch"} <= record.keys()
         assert 0.0 < record["mean_F"] <= 1.0 and record["tokens_per_s"] > 0
-    assert records[0]["lr"] < records[1]["lr"]  # linear warmup over 1 step, then decay
+    # Warmup over 1 step: step 1 already at the peak (not 0), then linear decay.
+    assert records[0]["lr"] == records[1]["lr"] == config.lr > records[2]["lr"] > 0
     events = [r["event"] for r in read_metrics(result.metrics_path) if "event" in r]
-    assert events == ["start", "eval"]
+    assert events == ["start", "epoch_end", "end", "eval"]  # 3 steps: part of one epoch
 
     # The saved weights are the trained ones: same completion log-probs as in training.
     trained = load_file(result.checkpoint / "model.safetensors")
@@ -293,3 +294,38 @@ def test_gpu_out_of_memory_is_a_clear_error_and_the_run_resumes(tmp_path, monkey
     steps_seen: list[int] = []
     result = trainer.train(config, on_step=lambda record: steps_seen.append(record["step"]))
     assert steps_seen == [3, 4] and result.steps == 4
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_bf16_checkpoint_trains_fp32_master_weights_that_move_at_lr_1e_5(tmp_path):
+    """transformers 5 loads a bf16 checkpoint in bf16; AdamW on bf16 weights loses updates
+    of 1e-5 to rounding. The trainer keeps fp32 master weights (bf16 autocast) and says so."""
+    from training.modeling import build_tiny_qwen2, load_tokenizer
+    from training.trainer import train
+
+    tokenizer = load_tokenizer(TINY_MODEL)
+    base = tmp_path / "bf16-base"
+    build_tiny_qwen2(tokenizer).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    initial = load_file(base / "model.safetensors")
+    assert initial["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+    config = tiny_config(tmp_path, model=str(base), bf16=True, lr=1e-5, warmup_steps=0, lr_schedule="constant",
+                         max_grad_norm=None, max_steps=3, save_every_steps=2)
+    result = train(config)
+    expected = {"mode": "fp32_master_bf16_autocast", "master_weights": "float32", "module_weights": "float32",
+                "autocast": "bfloat16", "checkpoint": "bfloat16"}
+    start = read_metrics(result.metrics_path)[0]
+    assert start["event"] == "start" and start["precision"] == expected
+    assert json.loads((result.checkpoint / "dco_training.json").read_text())["precision"] == expected
+    assert load_file(result.checkpoint / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+
+    # The resumable checkpoint holds the master weights: fp32, moved by about lr per step.
+    master = load_file(config.output_dir / "checkpoints" / "step-000002" / "model.safetensors")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert master["lm." + name].dtype == torch.float32
+        change = (master["lm." + name] - initial[name].float()).abs()
+        assert (change > 0).float().mean() > 0.9, name
+        assert 1e-5 <= change.median() <= 3e-5, name  # two Adam steps of lr 1e-5
