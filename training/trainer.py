@@ -170,7 +170,7 @@ class Precision:
         """The precision of a prepared run. Raises `RuntimeError` if the optimizer would
         update anything but fp32 master weights (bf16 weights under a plain AdamW lose
         updates of 1e-5 to rounding) or the setup is not one of the two bf16 modes."""
-        master = {str(p.dtype).removeprefix("torch.") for group in optimizer.param_groups for p in group["params"]}
+        master = {str(t.dtype).removeprefix("torch.") for t in _master_tensors(optimizer)}
         module = {str(p.dtype).removeprefix("torch.") for p in accelerator.unwrap_model(model).parameters()}
         autocast = "bfloat16" if accelerator.native_amp and accelerator.mixed_precision == "bf16" else None
         deepspeed = config.deepspeed is not None
@@ -186,6 +186,18 @@ class Precision:
                                f"{expected[1]}, got {sorted(module)} and {autocast}")
         return cls(mode=mode, master_weights="float32", module_weights=module.pop(), autocast=autocast,
                    checkpoint="bfloat16" if config.bf16 else "float32")
+
+
+def _master_tensors(optimizer: Any) -> list[Tensor]:
+    """The tensors a prepared optimizer updates: DeepSpeed's ZeRO optimizers keep their
+    (flat, partitioned) master copies in attributes of their own (ZeRO-3 hands them to the
+    torch optimizer only inside `step`); otherwise the torch optimizer's parameters."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        tensors = getattr(inner, name, None)
+        if tensors:
+            return list(tensors)
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 # ----------------------------------------------------------------------------- the data
