@@ -412,9 +412,13 @@ class EpochLog:
 
     def add_step(self, drawn: int, examples: int, discarded: int, scored: int) -> list[dict[str, Any]]:
         """Count one optimizer step; the records of the epochs it completes."""
-        self.drawn += drawn
         self.steps += 1
         self.examples += examples
+        return self.add_draws(drawn, discarded, scored)
+
+    def add_draws(self, drawn: int, discarded: int, scored: int) -> list[dict[str, Any]]:
+        """Count draws outside a step (the step the passes ran out in); closed epochs."""
+        self.drawn += drawn
         self.discarded += discarded
         self.scored += scored
         closed = []
@@ -511,6 +515,13 @@ def _deepspeed_json(config: TrainConfig) -> dict[str, Any]:
     return values
 
 
+def _require_deepspeed(config: TrainConfig) -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"--deepspeed {config.deepspeed} needs DeepSpeed, which is not installed: "
+                          f"pip install -e '.[dev]' (or pip install deepspeed; DS_BUILD_OPS=0 builds no ops ahead of "
+                          f"time); several processes need `accelerate launch`")
+
+
 def make_accelerator(config: TrainConfig, accumulation_steps: int) -> Accelerator:
     """The accelerator of one run. Precision (see `Precision`): without DeepSpeed, fp32
     weights and bf16 autocast when `config.bf16`; with DeepSpeed, its bf16 mode (bf16
@@ -518,10 +529,7 @@ def make_accelerator(config: TrainConfig, accumulation_steps: int) -> Accelerato
     plugin = None
     handlers = []
     if config.deepspeed is not None:
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"--deepspeed {config.deepspeed} needs DeepSpeed, which is not installed: "
-                              f"pip install -e '.[deepspeed]' (DS_BUILD_OPS=0 builds no ops ahead of time); "
-                              f"several processes need `accelerate launch`")
+        _require_deepspeed(config)
         plugin = DeepSpeedPlugin(
             hf_ds_config=_deepspeed_json(config),
             gradient_accumulation_steps=accumulation_steps,
@@ -563,6 +571,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
     """
     run = RunDir(config.output_dir)
     digest = config_hash(config)
+    if config.deepspeed is not None:
+        _require_deepspeed(config)
     state = distributed_state(deepspeed=config.deepspeed is not None)
     world_size = state.num_processes
     if config.overwrite and state.is_main_process:
@@ -635,9 +645,17 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
                 record = _optimizer_step(config, accelerator, model, optimizer, scheduler, filler,
                                          objective, train_split, plan, epochs, step)
             except PassesComplete:
-                # The passes are drawn before this step could fill: it is not taken.
+                # The passes are drawn before this step could fill: it is not taken, but its
+                # draws and discards count.
                 step -= 1
                 optimizer.zero_grad(set_to_none=True)
+                counts = filler.pop_counts()
+                drawn, discarded, scored = accelerator.reduce(torch.tensor(
+                    [counts.drawn, counts.discarded, counts.scored], dtype=torch.float64, device=accelerator.device),
+                    reduction="sum").cpu().tolist()
+                for epoch_record in epochs.add_draws(int(drawn), int(discarded), int(scored)):
+                    if accelerator.is_main_process:
+                        run.append_metrics({"step": step, **epoch_record})
                 break
             except ReplacementExhausted as exc:
                 stopped_early = str(exc)
