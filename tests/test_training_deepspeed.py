@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_training_trainer import step_records, tiny_config
+from test_training_trainer import step_records, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "deepspeed_train.py"

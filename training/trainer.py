@@ -19,6 +19,13 @@ A run directory (`config.output_dir`) holds:
 Resuming (automatic when checkpoints exist) restores everything a step depends on, so a
 run killed after checkpoint N and restarted produces the same steps, data order and
 weights as an uninterrupted run.
+
+Precision (`Precision`, recorded in the `start` event and in `final/dco_training.json`):
+fp32 master weights always, whatever the checkpoint's dtype; `bf16` adds bf16 autocast, or
+under DeepSpeed its bf16 mode (fp32 master copies in the ZeRO optimizer). Epochs are
+passes over the data (`Plan`): threshold replacement draws from the same passes, so
+discards end the run earlier instead of adding passes; `metrics.jsonl` gets an
+`epoch_end` record per epoch and an `end` record.
 """
 
 from __future__ import annotations
@@ -866,6 +873,9 @@ def _load_checkpoint(accelerator: Accelerator, filler: BatchFiller, epochs: Epoc
         raise ConfigError(f"checkpoint {path} has no {replacement.name}: it was written with a different number of processes")
     accelerator.load_state(str(path))
     filler.load_state_dict(json.loads(replacement.read_text()))
+    if "epochs" not in state:
+        raise ConfigError(f"checkpoint {path} was written by an older trainer (no per-epoch log); "
+                          f"use another output dir or overwrite")
     for key, value in state["epochs"].items():
         setattr(epochs, key, value)
     return int(state["step"])
