@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.replacement import BatchFiller, ExampleStream, ReplacementExhausted
+from training.replacement import BatchFiller, ExampleStream, PassesComplete, ReplacementExhausted
 
 
 def factor_table(values: dict[int, float], calls: list[list[int]] | None = None):
@@ -89,6 +89,35 @@ def test_inactive_replacement_never_scores():
         assert filler.pop_counts().scored == 0
 
 
+def test_one_pass_of_draws_replaces_from_the_rest_of_the_pass_and_then_ends():
+    """With `max_draws` = one pass, discarded examples are replaced by later examples of
+    the same pass (never by a second pass): fewer micro-batches, each example drawn once."""
+    n, size, eps = 50, 4, 0.3
+    factors = {i: (0.1 if i % 3 == 0 else 0.9) for i in range(n)}
+    filler = BatchFiller(ExampleStream(n, seed=0), size, eps, factor_table(factors), max_draws=n)
+    used: list[int] = []
+    with pytest.raises(PassesComplete):
+        while True:
+            batch = filler.next_micro_batch()
+            assert len(batch) == size and all(factors[i] >= eps for i in batch)
+            used.extend(batch)
+    good = sum(f >= eps for f in factors.values())
+    assert len(used) == size * (good // size)  # every full micro-batch the pass allows, no more
+    assert filler.totals.drawn == n and filler.stream.epoch == 0 and filler.stream.position == n
+    assert sorted(used + filler.carry) == sorted(i for i in range(n) if factors[i] >= eps)
+    assert filler.totals.discarded == n - good
+    with pytest.raises(PassesComplete):  # stays complete
+        filler.next_micro_batch()
+
+
+def test_inactive_replacement_stops_at_max_draws():
+    filler = BatchFiller(ExampleStream(9, seed=0), 4, 0.0, None, max_draws=18)
+    batches = [filler.next_micro_batch() for _ in range(4)]
+    assert [i for b in batches for i in b] == ExampleStream(9, seed=0).take(16)
+    with pytest.raises(PassesComplete):
+        filler.next_micro_batch()
+
+
 def test_exhausted_when_a_full_pass_finds_nothing_above_epsilon():
     filler = BatchFiller(ExampleStream(10, seed=0), 4, 0.5, factor_table({i: 0.01 for i in range(10)}))
     with pytest.raises(ReplacementExhausted, match="full pass"):
@@ -126,13 +155,13 @@ def test_collective_rounds_keep_processes_in_step():
     import threading
 
     barrier = threading.Barrier(2)
-    flags: dict[str, tuple[bool, bool]] = {}
+    flags: dict[str, tuple[bool, bool, bool]] = {}
 
     def sync_for(name):
-        def sync(short, exhausted):
-            flags[name] = (short, exhausted)
+        def sync(*mine):
+            flags[name] = mine
             barrier.wait()
-            result = (any(f[0] for f in flags.values()), any(f[1] for f in flags.values()))
+            result = tuple(any(f[k] for f in flags.values()) for k in range(3))
             barrier.wait()
             return result
         return sync
@@ -153,6 +182,31 @@ def test_collective_rounds_keep_processes_in_step():
     assert len(calls["rich"]) == len(calls["poor"])
     assert len(rich.carry) <= 2 * size
     assert all(poor_f[i] >= eps for b in out["poor"] for i in b)
+
+    # With one pass of draws each, the poor process runs out first; both stop in the same
+    # round (each scored the same number of chunks, the rich one's last ones empty).
+    calls = {"rich": [], "poor": []}
+    rich = BatchFiller(ExampleStream(n, 0, 0, 2), size, eps, factor_table(rich_f, calls["rich"]), max_draws=n // 2)
+    poor = BatchFiller(ExampleStream(n, 0, 1, 2), size, eps, factor_table(poor_f, calls["poor"]), max_draws=n // 2)
+    rich.sync, poor.sync = sync_for("rich"), sync_for("poor")
+    ended: dict[str, int] = {}
+
+    def until_done(name, filler):
+        batches = 0
+        try:
+            while True:
+                filler.next_micro_batch()
+                batches += 1
+        except PassesComplete:
+            ended[name] = batches
+
+    threads = [threading.Thread(target=until_done, args=(k, f)) for k, f in (("rich", rich), ("poor", poor))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert ended["rich"] == ended["poor"] == 1  # the poor half-pass fills one micro-batch
+    assert len(calls["rich"]) == len(calls["poor"]) and poor.totals.drawn == n // 2
 
 
 def test_real_model_scores_and_keeps_only_examples_above_epsilon():

@@ -150,9 +150,10 @@ def test_final_checkpoint_loads_with_from_pretrained_and_metrics_are_logged(tmp_
     for record in records:
         assert {"loss", "mean_F", "discarded", "tokens_per_s", "lr", "epoch"} <= record.keys()
         assert 0.0 < record["mean_F"] <= 1.0 and record["tokens_per_s"] > 0
-    assert records[0]["lr"] < records[1]["lr"]  # linear warmup over 1 step, then decay
+    # Warmup over 1 step: step 1 already at the peak (not 0), then linear decay.
+    assert records[0]["lr"] == records[1]["lr"] == config.lr > records[2]["lr"] > 0
     events = [r["event"] for r in read_metrics(result.metrics_path) if "event" in r]
-    assert events == ["start", "eval"]
+    assert events == ["start", "epoch_end", "end", "eval"]  # 3 steps: part of one epoch
 
     # The saved weights are the trained ones: same completion log-probs as in training.
     trained = load_file(result.checkpoint / "model.safetensors")
@@ -214,20 +215,17 @@ def test_unknown_model_is_a_clear_error(tmp_path):
         train(tiny_config(tmp_path, model=str(tmp_path / "missing-model"), tokenizer=TINY_MODEL))
 
 
-def test_deepspeed_configs_are_shipped_and_need_deepspeed(tmp_path):
+def test_deepspeed_config_without_deepspeed_is_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
+    from training import trainer
     from training.config import CONFIG_DIR
-    from training.trainer import train
 
-    for stage in (2, 3):
-        ds = json.loads((CONFIG_DIR / f"deepspeed_zero{stage}.json").read_text())
-        assert ds["zero_optimization"]["stage"] == stage
-        assert ds["train_micro_batch_size_per_gpu"] == "auto"  # filled by the trainer
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed; the missing-DeepSpeed message cannot be shown")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(trainer.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
     with pytest.raises(ConfigError, match="needs DeepSpeed"):
-        train(tiny_config(tmp_path, deepspeed=CONFIG_DIR / "deepspeed_zero2.json"))
+        trainer.train(tiny_config(tmp_path, deepspeed=CONFIG_DIR / "deepspeed_zero2.json"))
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -293,3 +291,88 @@ def test_gpu_out_of_memory_is_a_clear_error_and_the_run_resumes(tmp_path, monkey
     steps_seen: list[int] = []
     result = trainer.train(config, on_step=lambda record: steps_seen.append(record["step"]))
     assert steps_seen == [3, 4] and result.steps == 4
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_bf16_checkpoint_trains_fp32_master_weights_that_move_at_lr_1e_5(tmp_path):
+    """transformers 5 loads a bf16 checkpoint in bf16; AdamW on bf16 weights loses updates
+    of 1e-5 to rounding. The trainer keeps fp32 master weights (bf16 autocast) and says so."""
+    from training.modeling import build_tiny_qwen2, load_tokenizer
+    from training.trainer import train
+
+    tokenizer = load_tokenizer(TINY_MODEL)
+    base = tmp_path / "bf16-base"
+    build_tiny_qwen2(tokenizer).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    initial = load_file(base / "model.safetensors")
+    assert initial["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+    config = tiny_config(tmp_path, model=str(base), bf16=True, lr=1e-5, warmup_steps=0, lr_schedule="constant",
+                         max_grad_norm=None, max_steps=3, save_every_steps=2)
+    result = train(config)
+    expected = {"mode": "fp32_master_bf16_autocast", "master_weights": "float32", "module_weights": "float32",
+                "autocast": "bfloat16", "checkpoint": "bfloat16"}
+    start = read_metrics(result.metrics_path)[0]
+    assert start["event"] == "start" and start["precision"] == expected
+    assert json.loads((result.checkpoint / "dco_training.json").read_text())["precision"] == expected
+    assert load_file(result.checkpoint / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+
+    # The resumable checkpoint holds the master weights: fp32, moved by about lr per step.
+    master = load_file(config.output_dir / "checkpoints" / "step-000002" / "model.safetensors")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert master["lm." + name].dtype == torch.float32
+        change = (master["lm." + name] - initial[name].float()).abs()
+        assert (change > 0).float().mean() > 0.9, name
+        assert 1e-5 <= change.median() <= 3e-5, name  # two Adam steps of lr 1e-5
+
+
+# ------------------------------------------------------------------- schedule and epochs
+
+
+def test_learning_rate_warms_up_from_step_one_then_stays_or_decays():
+    from training.trainer import LearningRateSchedule
+
+    constant = LearningRateSchedule("constant", warmup_steps=4, total_steps=10)
+    assert [constant(s) for s in range(10)] == [0.25, 0.5, 0.75, 1, 1, 1, 1, 1, 1, 1]
+    linear = LearningRateSchedule("linear", warmup_steps=4, total_steps=10)
+    assert [round(linear(s), 4) for s in range(10)] == [0.25, 0.5, 0.75, 1, 1, 0.8333, 0.6667, 0.5, 0.3333, 0.1667]
+    assert LearningRateSchedule("constant", 0, 5)(0) == 1.0
+    assert TrainConfig().lr_schedule == "constant" and TrainConfig().warmup_steps == 20
+
+
+def test_epochs_are_passes_replacement_draws_from_them_and_the_run_takes_fewer_steps(tmp_path):
+    """Two epochs with threshold replacement discarding short tactics: replacements come
+    from the same passes, so the run ends after exactly two passes of draws, in fewer
+    steps than without discards; the log has one record per epoch."""
+    from training.trainer import train
+
+    common = dict(max_steps=None, epochs=2, warmup_steps=3, lr_schedule="constant", lr=1e-3)
+    plain = train(tiny_config(tmp_path / "plain", **common))
+    replaced = train(tiny_config(tmp_path / "replaced", n_eff=10**12, epsilon=0.5, **common))
+
+    start = read_metrics(plain.metrics_path)[0]
+    n_train, planned = start["train_examples"], start["plan"]["total_steps"]
+    assert planned == 2 * n_train // 8 and plain.steps == planned
+    records = step_records(replaced.metrics_path)
+    assert [r["lr"] for r in records[:5]] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
+    discarded = sum(r["discarded"] for r in records)
+    assert discarded > 0 and replaced.steps == len(records) < planned
+    # The draws: exactly two passes, each example of a pass used, discarded, or carried.
+    assert sum(r["drawn"] for r in records) <= 2 * n_train and replaced.final_metrics["passes"] == 2.0
+    totals = replaced.final_metrics["replacement_totals"]  # including the step the passes ran out in
+    assert totals["drawn"] == 2 * n_train and totals["discarded"] >= discarded
+    assert replaced.steps * 8 + totals["discarded"] <= 2 * n_train < (replaced.steps + 1) * 8 + totals["discarded"]
+
+    events = {name: [r for r in read_metrics(replaced.metrics_path) if r.get("event") == name]
+              for name in ("epoch_end", "end")}
+    epochs = events["epoch_end"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[-1]["passes"] == 2.0
+    assert sum(e["steps"] for e in epochs) == replaced.steps
+    assert sum(e["discarded"] for e in epochs) == totals["discarded"] and all(e["discarded"] > 0 for e in epochs)
+    assert [e["examples"] for e in epochs] == [8 * e["steps"] for e in epochs]
+    assert events["end"] == [{"step": replaced.steps, "event": "end", "steps": replaced.steps, "passes": 2.0,
+                              "planned_steps": planned}]
+    plain_epochs = [r for r in read_metrics(plain.metrics_path) if r.get("event") == "epoch_end"]
+    assert [e["discarded"] for e in plain_epochs] == [0, 0] and sum(e["steps"] for e in plain_epochs) == planned

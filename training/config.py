@@ -5,7 +5,8 @@ Qwen2.5-Math-1.5B), then a YAML file, then explicit overrides (the command line)
 A YAML file may name a bundled config (`tiny`, `default`) instead of a path.
 
 Units: learning rate per optimizer step; `batch_size` counts examples per optimizer step
-over all processes; `epochs` counts passes over the training split (fractions allowed);
+over all processes; `epochs` counts passes over the training split (fractions allowed;
+replacement draws from the same passes);
 `max_length` counts tokens; `epsilon` is a value of the DCO factor `F` in [0, 1).
 """
 
@@ -62,20 +63,41 @@ class TrainConfig(BaseModel):
 
     # Optimisation.
     lr: float = Field(1e-5, gt=0.0)
-    lr_schedule: Literal["linear", "constant"] = Field(
-        "linear", description="After warmup: linear decay to 0 at the last step, or constant."
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant",
+        description=(
+            "After warmup: constant at lr (the paper states only the warmup; the authors' code keeps "
+            "the rate constant), or linear decay towards 0 at the planned last step."
+        ),
     )
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup from 0 over this many optimizer steps.")
+    warmup_steps: int = Field(
+        20, ge=0, description="Linear warmup: optimizer step s <= warmup_steps runs at lr * s / warmup_steps."
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables.")
     batch_size: int = Field(64, ge=1, description="Examples per optimizer step, all processes together.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass per process.")
-    epochs: float = Field(3.0, gt=0.0)
+    epochs: float = Field(
+        3.0,
+        gt=0.0,
+        description=(
+            "Passes over the training split. Threshold replacement draws replacements from the "
+            "same passes, so discards shorten the run (fewer steps), never add passes."
+        ),
+    )
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps (the schedule uses the cap).")
     seed: int = 0
 
     # Hardware.
-    bf16: bool = Field(True, description="bf16 mixed precision (fp32 master weights).")
+    bf16: bool = Field(
+        True,
+        description=(
+            "bf16 mixed precision with fp32 master weights: without DeepSpeed, fp32 weights "
+            "(whatever the checkpoint's dtype) under bf16 autocast; with DeepSpeed, its bf16 mode "
+            "(bf16 module weights, fp32 master copies in the ZeRO optimizer). The final checkpoint "
+            "is saved in bf16. False: fp32 throughout."
+        ),
+    )
     gradient_checkpointing: bool = False
     fused_logprobs: bool = Field(
         True,

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from training.prompt import IGNORE_INDEX, format_completion, format_prompt
+from training.prompt import IGNORE_INDEX, PromptTooLong, build_prompt, format_completion, format_prompt
 
 if TYPE_CHECKING:  # torch and datasets load lazily: reading a benchmark needs neither
     import datasets
@@ -285,35 +285,13 @@ class TokenizeStats:
 
     examples: int = 0  # input examples
     kept: int = 0
-    truncated: int = 0  # kept with the state cut from the left
+    truncated: int = 0  # kept with a shortened state (`training.prompt.build_prompt`)
     dropped_too_long: int = 0  # dropped by the "drop" policy
     dropped_tactic_too_long: int = 0  # tactic (+ prompt markers) alone exceeds max_length
 
     def to_json(self) -> dict[str, int]:
         """A JSON-serialisable dict of the counts."""
         return asdict(self)
-
-
-def _truncated_prompt_ids(tokenizer: Any, state: str, budget: int) -> list[int] | None:
-    """Prompt ids for the longest left-truncated suffix of `state` fitting `budget` tokens.
-
-    The prompt is re-tokenized from text, so it is exactly what `format_prompt` gives for
-    the shortened state. None when not even one state character fits.
-    """
-    encoding = tokenizer(state.strip(), add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
-    stripped = state.strip()
-    # Drop whole state tokens from the left; re-check the real prompt length, since
-    # merges at the cut can differ from tokenizing the state alone.
-    fixed = len(tokenizer(format_prompt(""), add_special_tokens=False)["input_ids"])
-    keep = max(budget - fixed, 0)
-    while keep > 0:
-        cut = offsets[len(offsets) - keep][0]
-        ids = tokenizer(format_prompt(stripped[cut:]), add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget and stripped[cut:].strip():
-            return ids
-        keep -= 1
-    return None
 
 
 def tokenize_examples(
@@ -328,9 +306,11 @@ def tokenize_examples(
     Sequence: `format_prompt(state_before)` tokens, then `format_completion(tactic)` tokens
     and the tokenizer's EOS. `labels` are -100 on the prompt and equal `input_ids` on the
     completion (EOS included). Examples longer than `max_length` tokens are, by
-    `length_policy`, either cut from the left of the state (`truncate_left`: the prompt
-    markers and the whole tactic stay; if those alone do not fit with one state token the
-    example is dropped) or dropped (`drop`). Output columns: `input_ids`, `labels`,
+    `length_policy`, either shortened (`truncate_left`: the prompt is
+    `training.prompt.build_prompt` of the state within the tokens the tactic leaves, the
+    rule generation uses too — later goals go first, then the start of the first goal; the
+    whole tactic stays; if not even one state character fits the example is dropped) or
+    dropped (`drop`). Output columns: `input_ids`, `labels`,
     `attention_mask`, `theorem_id`, `step`.
     """
     import datasets
@@ -364,11 +344,11 @@ def tokenize_examples(
             if length_policy == "drop":
                 stats.dropped_too_long += 1
                 continue
-            shortened = _truncated_prompt_ids(tokenizer, state, max_length - len(completion))
-            if shortened is None:
+            try:
+                prompt = build_prompt(tokenizer, state, max_length - len(completion), full_ids=prompt).ids
+            except PromptTooLong:
                 stats.dropped_tactic_too_long += 1
                 continue
-            prompt = shortened
             stats.truncated += 1
         out["input_ids"].append([*prompt, *completion])
         out["labels"].append([IGNORE_INDEX] * len(prompt) + completion)

@@ -66,7 +66,7 @@ def greedy_confidences(
     batch_size: int = 16,
 ) -> list[GreedyConfidence]:
     """Greedy completion and its confidence for every example that tokenizes under
-    `max_length` (left truncation of the state, as in training; drops are not scored)."""
+    `max_length` (the training prompt rule, `training.prompt.build_prompt`; drops are not scored)."""
     device = next(model.parameters()).device
     tokenized, _ = tokenize_examples(examples.select_columns(["theorem_id", "step", "state_before", "tactic"]),
                                      tokenizer, max_length=max_length, length_policy="truncate_left")

@@ -44,7 +44,7 @@ def train_ensemble(
     step's metrics record (the trainer's step callback)."""
     from training.trainer import distributed_state, train
 
-    main_process = distributed_state().is_main_process
+    main_process = distributed_state(deepspeed=any(run.deepspeed is not None for run in runs)).is_main_process
     members: list[EnsembleMember] = []
     for run in runs:
         if on_start is not None and main_process:

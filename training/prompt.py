@@ -1,15 +1,45 @@
 """The prompt format: the one place that turns a proof state into model input.
 
-Training (labels on the completion only) and generation (transformers, vLLM) both call
-`format_prompt`; the completion is the tactic text followed by the tokenizer's EOS token.
+Training (labels on the completion only) and generation (transformers, vLLM) both build
+prompt tokens with `build_prompt`, which formats the state with `format_prompt` and, when
+the prompt exceeds a token budget, shortens the *state* by one rule (`build_prompt`), so
+that a model sees at generation time exactly the tokens it was trained on. The completion
+is the tactic text followed by the tokenizer's EOS token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompt tokens, padding): completion-only training."""
 
 PROMPT_TEMPLATE = "[GOAL]\n{state}\n[PROOFSTEP]\n"
+
+GOAL_SEPARATOR = "\n\n"
+"""Between the goals of a pretty-printed Lean proof state (Lean and LeanDojo print them so)."""
+
+
+class PromptTooLong(ValueError):
+    """Not even the prompt's header, footer and one character of the first goal fit the budget."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Prompt tokens for a state. `ids` are exactly the tokens of `format_prompt(state)`
+    (no special tokens added); `state` is the (possibly shortened) state they encode;
+    `goals_dropped` counts later goals left out; `cut_chars` counts characters cut from the
+    start of the first goal (0 unless dropping goals was not enough)."""
+
+    ids: list[int]
+    state: str
+    goals_dropped: int = 0
+    cut_chars: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.goals_dropped > 0 or self.cut_chars > 0
 
 
 def format_prompt(state: str) -> str:
@@ -20,3 +50,66 @@ def format_prompt(state: str) -> str:
 def format_completion(tactic: str) -> str:
     """Target text for a tactic (without EOS; the tokenizer adds it). Whitespace-trimmed."""
     return tactic.strip()
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # `encode` is what both Hugging Face tokenizers and vLLM's tokenizer wrappers offer.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def build_prompt(tokenizer: Any, state: str, max_tokens: int | None, *,
+                 full_ids: list[int] | None = None) -> Prompt:
+    """Prompt tokens of `state`, at most `max_tokens` of them (None: no limit).
+
+    The one truncation rule, for training and for generation:
+    1. the whole prompt if it fits;
+    2. else drop goals from the end (the tactic acts on the first goal), keeping as many
+       leading goals as fit;
+    3. else (the first goal alone is too long) cut characters from the start of the first
+       goal, keeping its end (the `⊢` target and the hypotheses nearest to it).
+    The header `[GOAL]` and footer `[PROOFSTEP]` are always kept, and the result is always
+    the tokenization of `format_prompt` of the kept text (re-tokenized, so merges at the
+    cut are exactly what the model would see for that text). `full_ids`: the tokens of
+    `format_prompt(state)` when already computed (saves one encode).
+    Raises `PromptTooLong` when not even one character of the first goal fits.
+    """
+    text = state.strip()
+    ids = full_ids if full_ids is not None else _encode(tokenizer, format_prompt(text))
+    if max_tokens is None or len(ids) <= max_tokens:
+        return Prompt(list(ids), text)
+
+    def fits(candidate: str) -> list[int] | None:
+        encoded = _encode(tokenizer, format_prompt(candidate))
+        return encoded if len(encoded) <= max_tokens else None
+
+    goals = text.split(GOAL_SEPARATOR)
+    # Step 2: the most leading goals that fit (binary search; length grows with the count).
+    low, high, best = 1, len(goals) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        encoded = fits(GOAL_SEPARATOR.join(goals[:middle]))
+        if encoded is not None:
+            best, low = (middle, encoded), middle + 1
+        else:
+            high = middle - 1
+    if best is not None:
+        kept = GOAL_SEPARATOR.join(goals[: best[0]]).strip()
+        return Prompt(best[1], kept, goals_dropped=len(goals) - best[0])
+
+    # Step 3: the shortest cut from the left of the first goal that fits. Token counts are
+    # monotone in the cut up to merges at the cut, so search, then step on until it fits.
+    first = goals[0].rstrip()
+    if not first.strip() or fits(first.strip()[-1:]) is None:
+        raise PromptTooLong(f"a prompt budget of {max_tokens} tokens does not hold the prompt's header, "
+                            f"footer and one character of the state")
+    low, high = 0, len(first) - 1  # invariant: cutting `high` characters fits
+    while low < high:
+        middle = (low + high) // 2
+        if first[middle:].strip() and fits(first[middle:]) is not None:
+            high = middle
+        else:
+            low = middle + 1
+    cut = high
+    while (encoded := fits(first[cut:])) is None or not first[cut:].strip():
+        cut += 1
+    return Prompt(encoded, first[cut:].strip(), goals_dropped=len(goals) - 1, cut_chars=cut)

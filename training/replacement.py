@@ -13,7 +13,10 @@ Two pieces, both checkpointable as plain JSON-able dicts:
   `world_size` takes every `world_size`-th index of it. The stream's position is its
   whole state, so a resumed run draws exactly the same examples.
 - `BatchFiller`: turns the stream into micro-batches of indices, scoring candidates in
-  chunks of `micro_batch_size` (the same shape as a training forward).
+  chunks of `micro_batch_size` (the same shape as a training forward). With `max_draws`
+  it draws at most that many candidates in all (the run's passes over the data: an epoch
+  is one pass, replacement draws from the rest of it, and discards shorten the run
+  instead of adding passes); a micro-batch it can no longer fill raises `PassesComplete`.
 
 Invariants of `BatchFiller`:
 - every returned micro-batch has exactly `micro_batch_size` indices;
@@ -22,7 +25,8 @@ Invariants of `BatchFiller`:
   forward recomputes the real F anyway);
 - every drawn candidate is used once or counted as discarded; nothing else is dropped;
 - with replacement inactive (`score_fn` None: epsilon = 0 or N_eff = 1) the filler draws
-  exactly `micro_batch_size` indices per micro-batch and never calls a model.
+  exactly `micro_batch_size` indices per micro-batch and never calls a model;
+- never more than `max_draws` candidates are drawn.
 """
 
 from __future__ import annotations
@@ -35,12 +39,18 @@ import torch
 ScoreFn = Callable[[Sequence[int]], torch.Tensor]
 """Maps example indices to their DCO factor `F` in [0, 1] (a 1-D tensor, one per index)."""
 
-SyncFn = Callable[[bool, bool], tuple[bool, bool]]
-"""Across processes: `(this_rank_short, this_rank_exhausted) -> (any_short, any_exhausted)`."""
+SyncFn = Callable[[bool, bool, bool], tuple[bool, bool, bool]]
+"""Across processes: `(this_rank_short, this_rank_exhausted, this_rank_out_of_draws) ->
+(any_short, any_exhausted, any_out_of_draws)`."""
 
 
-def _local_sync(short: bool, exhausted: bool) -> tuple[bool, bool]:
-    return short, exhausted
+def _local_sync(short: bool, exhausted: bool, out_of_draws: bool) -> tuple[bool, bool, bool]:
+    return short, exhausted, out_of_draws
+
+
+class PassesComplete(Exception):
+    """The run's passes over the training split are drawn (`BatchFiller.max_draws`): the
+    micro-batch being filled cannot be completed, and the run ends before this step."""
 
 
 class ReplacementExhausted(RuntimeError):
@@ -124,7 +134,9 @@ class BatchFiller:
 
     `score_fn` None disables replacement. `sync` makes the scoring rounds collective in
     multi-process runs: every process scores the same number of chunks (required where a
-    forward pass is itself collective, as under ZeRO-3), extras go to `carry`.
+    forward pass is itself collective, as under ZeRO-3), extras go to `carry`, and when
+    any process runs out of draws all of them raise `PassesComplete` in the same round.
+    `max_draws`: candidates this process may draw in all (None: endless).
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class BatchFiller:
         epsilon: float,
         score_fn: ScoreFn | None,
         sync: SyncFn = _local_sync,
+        max_draws: int | None = None,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -144,6 +157,7 @@ class BatchFiller:
         self.epsilon = epsilon
         self.score_fn = score_fn if epsilon > 0.0 else None
         self.sync = sync
+        self.max_draws = max_draws
         self.carry: list[int] = []
         self.consecutive_discards = 0
         self.counts = FillCounts()
@@ -153,9 +167,19 @@ class BatchFiller:
     def active(self) -> bool:
         return self.score_fn is not None
 
+    @property
+    def draws_left(self) -> int | None:
+        """Candidates this process may still draw (None: no limit)."""
+        return None if self.max_draws is None else self.max_draws - self.totals.drawn
+
     def next_micro_batch(self) -> list[int]:
+        """`micro_batch_size` indices. Raises `PassesComplete` when the draws left cannot
+        fill it, `ReplacementExhausted` after a whole pass of discards."""
         size = self.micro_batch_size
         if not self.active:
+            # No discards: the trainer plans its steps within every process's draws.
+            if self.draws_left is not None and self.draws_left < size:
+                raise PassesComplete(f"{self.totals.drawn} of {self.max_draws} draws used")
             batch = self.stream.take(size)
             self._count(drawn=size)
             return batch
@@ -163,7 +187,12 @@ class BatchFiller:
         while True:
             short = len(batch) < size
             exhausted = self.consecutive_discards >= self.stream.epoch_length
-            any_short, any_exhausted = self.sync(short, exhausted)
+            out_of_draws = short and self.draws_left == 0
+            any_short, any_exhausted, any_out_of_draws = self.sync(short, exhausted, out_of_draws)
+            if any_out_of_draws:
+                # Unused accepted indices go back to `carry` (they are counted as drawn).
+                self.carry = batch + self.carry
+                raise PassesComplete(f"{self.totals.drawn} of {self.max_draws} draws used")
             if any_exhausted:
                 raise ReplacementExhausted(
                     f"no training example has F >= epsilon={self.epsilon} over a full pass "
@@ -181,12 +210,16 @@ class BatchFiller:
                 self.carry = self._score(head) + rest
 
     def _draw(self) -> list[int]:
-        candidates = self.stream.take(self.micro_batch_size)
+        """Up to `micro_batch_size` fresh candidates (fewer, or none, near `max_draws`)."""
+        left = self.draws_left
+        candidates = self.stream.take(self.micro_batch_size if left is None else min(self.micro_batch_size, left))
         self._count(drawn=len(candidates))
         return candidates
 
     def _score(self, candidates: list[int]) -> list[int]:
-        """The candidates with F >= epsilon, in order; the others are counted as discarded."""
+        """The candidates with F >= epsilon, in order; the others are counted as discarded.
+        Called also with no candidates (a round another process forced), since scoring may
+        be collective."""
         factors = self.score_fn(candidates).detach().float().cpu()  # type: ignore[misc]
         if factors.shape != (len(candidates),):
             raise ValueError(f"score_fn returned shape {tuple(factors.shape)} for {len(candidates)} candidates")

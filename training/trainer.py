@@ -19,10 +19,18 @@ A run directory (`config.output_dir`) holds:
 Resuming (automatic when checkpoints exist) restores everything a step depends on, so a
 run killed after checkpoint N and restarted produces the same steps, data order and
 weights as an uninterrupted run.
+
+Precision (`Precision`, recorded in the `start` event and in `final/dco_training.json`):
+fp32 master weights always, whatever the checkpoint's dtype; `bf16` adds bf16 autocast, or
+under DeepSpeed its bf16 mode (fp32 master copies in the ZeRO optimizer). Epochs are
+passes over the data (`Plan`): threshold replacement draws from the same passes, so
+discards end the run earlier instead of adding passes; `metrics.jsonl` gets an
+`epoch_end` record per epoch and an `end` record.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
@@ -30,6 +38,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -40,10 +49,11 @@ from typing import Any
 import datasets
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DeepSpeedPlugin, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
-from transformers import get_scheduler
+from torch.optim.lr_scheduler import LambdaLR
 
 from training.config import ConfigError, TrainConfig, config_hash
 from training.data import SAMPLE_PATH, collate, load_tactic_examples, split_by_theorem, tokenize_examples
@@ -56,7 +66,7 @@ from training.losses import (
     stepwise_dco_loss,
 )
 from training.modeling import load_causal_lm, load_tokenizer
-from training.replacement import BatchFiller, ExampleStream, ReplacementExhausted
+from training.replacement import BatchFiller, ExampleStream, PassesComplete, ReplacementExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +128,12 @@ class CompletionLogProbs(nn.Module):
         head = lm.get_output_embeddings()
         self.fused = fused and head is not None and getattr(head, "bias", None) is None
 
+    @property
+    def config(self) -> Any:
+        """The LM's config: accelerate fills a DeepSpeed config's `"auto"` sizes from
+        `model.config.hidden_size` of the module it prepares, which is this wrapper."""
+        return self.lm.config
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, fused: bool | None = None) -> Tensor:
         if self.fused if fused is None else fused:
             hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -136,6 +152,59 @@ class CompletionLogProbs(nn.Module):
             logger.warning("fused completion log-probs disagree with full logits (max diff %.3g); using full logits",
                            (fused - full).abs().max().item())
             self.fused = False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a run computes in, measured on the prepared model and optimizer (dtype names).
+
+    `mode`: "fp32" (fp32 weights, no autocast), "fp32_master_bf16_autocast" (fp32 weights
+    updated by AdamW, forward/backward under bf16 autocast) or "deepspeed_bf16" (bf16
+    weights in the module, fp32 master copies kept and updated by DeepSpeed's ZeRO
+    optimizer). `master_weights`: dtype of the tensors the optimizer updates;
+    `module_weights`: dtype of the weights the forward pass reads; `autocast`: autocast
+    dtype or None; `checkpoint`: dtype of the saved Hugging Face checkpoint.
+    """
+
+    mode: str
+    master_weights: str
+    module_weights: str
+    autocast: str | None
+    checkpoint: str
+
+    @classmethod
+    def measure(cls, config: TrainConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any) -> "Precision":
+        """The precision of a prepared run. Raises `RuntimeError` if the optimizer would
+        update anything but fp32 master weights (bf16 weights under a plain AdamW lose
+        updates of 1e-5 to rounding) or the setup is not one of the two bf16 modes."""
+        master = {str(t.dtype).removeprefix("torch.") for t in _master_tensors(optimizer)}
+        module = {str(p.dtype).removeprefix("torch.") for p in accelerator.unwrap_model(model).parameters()}
+        autocast = "bfloat16" if accelerator.native_amp and accelerator.mixed_precision == "bf16" else None
+        deepspeed = config.deepspeed is not None
+        if master != {"float32"}:
+            raise RuntimeError(f"the optimizer would update {sorted(master)} weights; training keeps fp32 master weights")
+        if config.bf16:
+            mode = "deepspeed_bf16" if deepspeed else "fp32_master_bf16_autocast"
+            expected = ({"bfloat16"}, None) if deepspeed else ({"float32"}, "bfloat16")
+        else:
+            mode, expected = "fp32", ({"float32"}, None)
+        if (module, autocast) != expected:
+            raise RuntimeError(f"precision mode {mode} expects module weights {expected[0]} and autocast "
+                               f"{expected[1]}, got {sorted(module)} and {autocast}")
+        return cls(mode=mode, master_weights="float32", module_weights=module.pop(), autocast=autocast,
+                   checkpoint="bfloat16" if config.bf16 else "float32")
+
+
+def _master_tensors(optimizer: Any) -> list[Tensor]:
+    """The tensors a prepared optimizer updates: DeepSpeed's ZeRO optimizers keep their
+    (flat, partitioned) master copies in attributes of their own (ZeRO-3 hands them to the
+    torch optimizer only inside `step`); otherwise the torch optimizer's parameters."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        tensors = getattr(inner, name, None)
+        if tensors:
+            return list(tensors)
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 # ----------------------------------------------------------------------------- the data
@@ -214,7 +283,10 @@ class Objective:
 
     @torch.no_grad()
     def score(self, indices: Sequence[int]) -> Tensor:
-        """F per example under the current model (for threshold replacement)."""
+        """F per example under the current model (for threshold replacement). No indices:
+        still one (collective) scoring call, so every process runs the same forwards."""
+        if not indices:
+            return self.no_grad_logprobs([]).float()
         if self.kind == "stepwise":
             return coverage_weight(self.no_grad_logprobs(indices), self.n_eff)
         theorem_ids = [self.split.theorem_ids[i] for i in indices]
@@ -271,12 +343,18 @@ class RunDir:
 
 @dataclass(frozen=True)
 class Plan:
-    """Step arithmetic. `total_steps` optimizer steps of `batch_size` examples each."""
+    """Step arithmetic. An epoch is one pass over the training split; the run draws at most
+    `config.epochs` passes (`draws_per_process[r]` candidates on process `r`). Without
+    discards that is `total_steps` optimizer steps of `batch_size` examples; threshold
+    replacement draws its replacements from the same passes, so a run that discards takes
+    fewer steps (it ends when the draws left cannot fill a step). `total_steps` is also
+    the horizon of the linear-decay schedule."""
 
     world_size: int
     accumulation_steps: int
     steps_per_epoch: int
     total_steps: int
+    draws_per_process: tuple[int, ...]
 
     @classmethod
     def make(cls, config: TrainConfig, num_train: int, world_size: int) -> "Plan":
@@ -286,36 +364,195 @@ class Plan:
                 f"batch_size {config.batch_size} is not a multiple of micro_batch_size "
                 f"{config.micro_batch_size} x {world_size} processes"
             )
-        total = math.ceil(config.epochs * num_train / config.batch_size)
+        # Process r takes every world_size-th example of each pass (`ExampleStream`).
+        draws = tuple(math.floor(config.epochs * len(range(r, num_train, world_size)) + 1e-9)
+                      for r in range(world_size))
+        per_process_step = config.batch_size // world_size
+        total = min(d // per_process_step for d in draws)
         if config.max_steps is not None:
             total = min(total, config.max_steps)
-        return cls(world_size, config.batch_size // per_step, math.ceil(num_train / config.batch_size), max(total, 1))
+        if total < 1:
+            raise ConfigError(f"{config.epochs} epoch(s) of {num_train} training examples do not fill one batch of "
+                              f"{config.batch_size}: lower batch_size or raise epochs")
+        return cls(world_size, config.batch_size // per_step, num_train // config.batch_size, total, draws)
 
 
-def distributed_state() -> PartialState:
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """Multiplier of the peak learning rate, as `LambdaLR` takes it (called with the number
+    of optimizer steps taken, so optimizer step `s` (1-based) gets `factor(s - 1)`).
+
+    Linear warmup: step `s <= warmup_steps` runs at `s / warmup_steps` of the peak (step 1
+    is not wasted at 0). Then `constant` (the peak) or `linear`: decay from the peak at
+    step `warmup_steps + 1` to `1 / (total - warmup_steps)` of it at step `total_steps`."""
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, steps_taken: int) -> float:
+        step = steps_taken + 1
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        return max(self.total_steps - step + 1, 1) / max(self.total_steps - self.warmup_steps, 1)
+
+
+@dataclass
+class EpochLog:
+    """Totals per epoch, over all processes. An epoch is one pass over the training split
+    (`num_train` candidates drawn); a step belongs to the epoch in which it ends. The same
+    on every process (built from reduced counts); saved with each checkpoint."""
+
+    num_train: int
+    drawn: int = 0  # candidates drawn since the start of the run
+    epoch: int = 1  # the epoch in progress, 1-based
+    steps: int = 0  # in the epoch in progress
+    examples: int = 0  # trained on
+    discarded: int = 0
+    scored: int = 0
+
+    @property
+    def passes(self) -> float:
+        return self.drawn / self.num_train
+
+    def add_step(self, drawn: int, examples: int, discarded: int, scored: int) -> list[dict[str, Any]]:
+        """Count one optimizer step; the records of the epochs it completes."""
+        self.steps += 1
+        self.examples += examples
+        return self.add_draws(drawn, discarded, scored)
+
+    def add_draws(self, drawn: int, discarded: int, scored: int) -> list[dict[str, Any]]:
+        """Count draws outside a step (the step the passes ran out in); closed epochs."""
+        self.drawn += drawn
+        self.discarded += discarded
+        self.scored += scored
+        closed = []
+        while self.drawn >= self.epoch * self.num_train:
+            closed.append(self._close())
+        return closed
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The record of a last, partial epoch (if it has steps)."""
+        return [self._close()] if self.steps else []
+
+    def _close(self) -> dict[str, Any]:
+        record = {"event": "epoch_end", "epoch": self.epoch, "passes": round(self.passes, 4), "steps": self.steps,
+                  "examples": self.examples, "discarded": self.discarded, "scored": self.scored}
+        self.epoch += 1
+        self.steps = self.examples = self.discarded = self.scored = 0
+        return record
+
+
+def distributed_state(deepspeed: bool = False) -> PartialState:
     """The process group this process belongs to (one process unless launched by
-    `accelerate launch`/`torchrun`). Without CUDA a multi-process launch is CPU DDP (gloo),
-    which accelerate only selects when asked for the CPU explicitly."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return PartialState(cpu=not torch.cuda.is_available() and world > 1)
+    `accelerate launch`/`torchrun`). The first call in a process decides; later calls
+    return the same state.
+
+    Without CUDA a multi-process launch is CPU DDP (gloo), which accelerate only selects
+    when asked for the CPU explicitly. With `deepspeed` the group is DeepSpeed's (its
+    communication layer over torch.distributed): a run without a launcher is one process
+    of a group of one (rank variables set here), and without CUDA the backend is gloo
+    (accelerate would otherwise leave DeepSpeed without a backend, and each process of a
+    launch would believe it is alone). The group is destroyed at interpreter exit.
+    """
+    if not deepspeed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        state = PartialState(cpu=not torch.cuda.is_available() and world > 1)
+    else:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if "LOCAL_RANK" not in os.environ:  # not launched: a group of one
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        state = PartialState(**_process_group_kwargs())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _destroy_group_at_exit()
+    return state
+
+
+def _process_group_kwargs() -> dict[str, Any]:
+    """`init_process_group` options: gloo where there is no CUDA (DeepSpeed's CPU accelerator)."""
+    return {} if torch.cuda.is_available() else InitProcessGroupKwargs(backend="gloo").to_kwargs()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_DESTROY_REGISTERED = False
+
+
+def _destroy_group_at_exit() -> None:
+    """Destroy the process group when the interpreter exits (once per process). Not after
+    each `train`: the CLI trains several N_eff one after another in the same group."""
+    global _DESTROY_REGISTERED
+    if not _DESTROY_REGISTERED:
+        _DESTROY_REGISTERED = True
+        atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _deepspeed_json(config: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config file, checked against what the trainer owns: the optimizer and
+    schedule are the trainer's, and precision follows `config.bf16` (fp16 is not offered)."""
+    assert config.deepspeed is not None
+    try:
+        values = json.loads(config.deepspeed.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config.deepspeed}: not valid JSON: {exc}") from exc
+    for section in ("optimizer", "scheduler"):
+        if section in values:
+            raise ConfigError(f"{config.deepspeed}: remove the {section!r} section; the trainer builds the "
+                              f"{section} (AdamW; lr_schedule, warmup_steps in the training config)")
+    if values.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{config.deepspeed}: fp16 is not supported; use bf16 (config bf16: true)")
+    enabled = values.get("bf16", {}).get("enabled", "auto")
+    if enabled != "auto" and bool(enabled) != config.bf16:
+        raise ConfigError(f"{config.deepspeed} sets bf16.enabled={enabled} but the training config has "
+                          f"bf16: {str(config.bf16).lower()}; set it to \"auto\" (it then follows the training config)")
+    return values
+
+
+def _require_deepspeed(config: TrainConfig) -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"--deepspeed {config.deepspeed} needs DeepSpeed, which is not installed: "
+                          f"pip install -e '.[dev]' (or pip install deepspeed; DS_BUILD_OPS=0 builds no ops ahead of "
+                          f"time); several processes need `accelerate launch`")
 
 
 def make_accelerator(config: TrainConfig, accumulation_steps: int) -> Accelerator:
+    """The accelerator of one run. Precision (see `Precision`): without DeepSpeed, fp32
+    weights and bf16 autocast when `config.bf16`; with DeepSpeed, its bf16 mode (bf16
+    weights, fp32 master copies in the ZeRO optimizer) when `config.bf16`."""
     plugin = None
+    handlers = []
     if config.deepspeed is not None:
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(f"--deepspeed {config.deepspeed} needs DeepSpeed, which is not installed: "
-                              f"pip install -e '.[gpu]' on a CUDA machine, then run under `accelerate launch`")
+        _require_deepspeed(config)
         plugin = DeepSpeedPlugin(
-            hf_ds_config=str(config.deepspeed),
+            hf_ds_config=_deepspeed_json(config),
             gradient_accumulation_steps=accumulation_steps,
             gradient_clipping=config.max_grad_norm or 0.0,
         )
+        handlers.append(InitProcessGroupKwargs(**_process_group_kwargs()))
+    state = distributed_state(deepspeed=plugin is not None)
+    # One process may train several runs (the CLI's N_eff members, tests); each run's
+    # precision is its own, while the process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        cpu=distributed_state().use_distributed and not torch.cuda.is_available(),
+        cpu=plugin is None and state.use_distributed and not torch.cuda.is_available(),
         gradient_accumulation_steps=accumulation_steps,
         mixed_precision="bf16" if config.bf16 else "no",
         deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
     )
     if plugin is not None:
@@ -341,7 +578,9 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
     """
     run = RunDir(config.output_dir)
     digest = config_hash(config)
-    state = distributed_state()
+    if config.deepspeed is not None:
+        _require_deepspeed(config)
+    state = distributed_state(deepspeed=config.deepspeed is not None)
     world_size = state.num_processes
     if config.overwrite and state.is_main_process:
         run.remove_artifacts()
@@ -359,7 +598,9 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
     train_split, eval_split, data_counts = load_splits(config, tokenizer)
     plan = Plan.make(config, len(train_split), world_size)
     accelerator = make_accelerator(config, plan.accumulation_steps)
-    lm = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing)
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps a bf16
+    # checkpoint in bf16); DeepSpeed's bf16 mode casts the module itself and keeps fp32 copies.
+    lm = load_causal_lm(config.model, dtype=torch.float32, gradient_checkpointing=config.gradient_checkpointing)
     if config.torch_compile and config.deepspeed is None:
         lm.get_decoder().compile()  # in place: parameter names (and checkpoints) unchanged
     model = CompletionLogProbs(lm, fused=config.fused_logprobs and not _is_zero3(accelerator))
@@ -367,11 +608,9 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
         fused=accelerator.device.type == "cuda" and config.deepspeed is None,
     )
-    scheduler = get_scheduler(
-        "linear" if config.lr_schedule == "linear" else "constant_with_warmup",
-        optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=plan.total_steps,
-    )
+    scheduler = LambdaLR(optimizer, LearningRateSchedule(config.lr_schedule, config.warmup_steps, plan.total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    precision = Precision.measure(config, accelerator, model, optimizer)
     accelerator.unwrap_model(model).check_fused(train_split.batch(range(min(2, len(train_split))), accelerator.device))
 
     no_grad_logprobs = _no_grad_logprobs_fn(accelerator, model, train_split, config.micro_batch_size)
@@ -383,13 +622,15 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
         config.epsilon,
         score_fn=objective.score if config.replacement_active else None,
         sync=_any_across_processes(accelerator),
+        max_draws=plan.draws_per_process[accelerator.process_index],
     )
+    epochs = EpochLog(len(train_split))
 
     # --- resume
     step = 0
     latest = run.latest_checkpoint()
     if latest is not None:
-        step = _load_checkpoint(accelerator, filler, latest[1], digest)
+        step = _load_checkpoint(accelerator, filler, epochs, latest[1], digest)
         logger.info("resumed %s from step %d", run.root, step)
     if accelerator.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -397,6 +638,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
         run.truncate_metrics(step)  # a killed run may have logged steps after its last checkpoint
         if step == 0:
             run.append_metrics({"step": 0, "event": "start", "config_hash": digest, "plan": asdict(plan),
+                                "precision": asdict(precision),
                                 "train_examples": len(train_split), "eval_examples": len(eval_split),
                                 "data": data_counts})
 
@@ -408,10 +650,24 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
             step += 1
             try:
                 record = _optimizer_step(config, accelerator, model, optimizer, scheduler, filler,
-                                         objective, train_split, plan, step)
+                                         objective, train_split, plan, epochs, step)
+            except PassesComplete:
+                # The passes are drawn before this step could fill: it is not taken, but its
+                # draws and discards count.
+                step -= 1
+                optimizer.zero_grad(set_to_none=True)
+                counts = filler.pop_counts()
+                drawn, discarded, scored = accelerator.reduce(torch.tensor(
+                    [counts.drawn, counts.discarded, counts.scored], dtype=torch.float64, device=accelerator.device),
+                    reduction="sum").cpu().tolist()
+                for epoch_record in epochs.add_draws(int(drawn), int(discarded), int(scored)):
+                    if accelerator.is_main_process:
+                        run.append_metrics({"step": step, **epoch_record})
+                break
             except ReplacementExhausted as exc:
                 stopped_early = str(exc)
                 step -= 1
+                optimizer.zero_grad(set_to_none=True)
                 if accelerator.is_main_process:
                     run.append_metrics({"step": step, "event": "stopped", "reason": stopped_early})
                 break
@@ -428,23 +684,32 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
                 ) from exc
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < plan.total_steps:
                 record.update(evaluate(accelerator, eval_split, config, eval_logprobs))
+            completed = record.pop("epochs_completed")
             if accelerator.is_main_process and (step % config.log_every_steps == 0 or step == plan.total_steps):
                 run.append_metrics(record)
+            if accelerator.is_main_process:
+                for epoch_record in completed:
+                    run.append_metrics({"step": step, **epoch_record})
             if config.save_every_steps and step % config.save_every_steps == 0 and step < plan.total_steps:
-                _save_checkpoint(accelerator, filler, run, step, digest, config.keep_checkpoints)
+                _save_checkpoint(accelerator, filler, epochs, run, step, digest, config.keep_checkpoints)
             progress.advance(record)
             if on_step is not None:
                 on_step(record)
 
     # --- finish: eval, Hugging Face checkpoint, result
+    if accelerator.is_main_process:
+        for epoch_record in epochs.finish():
+            run.append_metrics({"step": step, **epoch_record})
+        run.append_metrics({"step": step, "event": "end", "steps": step, "passes": round(epochs.passes, 4),
+                            "planned_steps": plan.total_steps})
     final_eval = evaluate(accelerator, eval_split, config, eval_logprobs)
     if accelerator.is_main_process:
         run.append_metrics({"step": step, "event": "eval", **final_eval})
-    _save_final(accelerator, model, tokenizer, run, config, digest, step)
+    _save_final(accelerator, model, tokenizer, run, config, digest, step, precision)
     result = TrainResult(
         output_dir=run.root, checkpoint=run.final, metrics_path=run.metrics, config_hash=digest, steps=step,
-        final_metrics={"last_step": record, "eval": final_eval, "data": data_counts,
-                       "replacement_totals": asdict(filler.totals)},
+        final_metrics={"last_step": record, "eval": final_eval, "data": data_counts, "precision": asdict(precision),
+                       "replacement_totals": asdict(filler.totals), "passes": epochs.passes},
         stopped_early=stopped_early,
     )
     if accelerator.is_main_process:
@@ -457,8 +722,9 @@ def train(config: TrainConfig, on_step: StepCallback | None = None) -> TrainResu
 
 def _optimizer_step(config: TrainConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any,
                     scheduler: Any, filler: BatchFiller, objective: Objective, split: TokenizedSplit,
-                    plan: Plan, step: int) -> dict[str, Any]:
-    """One optimizer step over `plan.accumulation_steps` full micro-batches; its metrics record."""
+                    plan: Plan, epochs: EpochLog, step: int) -> dict[str, Any]:
+    """One optimizer step over `plan.accumulation_steps` full micro-batches; its metrics
+    record (with `epochs_completed`: the records of epochs this step ends, for the log)."""
     started = time.perf_counter()
     lr = scheduler.get_last_lr()[0]
     sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # loss, F, log p, examples, tokens
@@ -481,14 +747,17 @@ def _optimizer_step(config: TrainConfig, accelerator: Accelerator, model: nn.Mod
 
     counts = filler.pop_counts()
     totals = accelerator.reduce(
-        torch.cat([sums, torch.tensor([counts.discarded, counts.scored], dtype=torch.float64, device=sums.device)]),
+        torch.cat([sums, torch.tensor([counts.discarded, counts.scored, counts.drawn], dtype=torch.float64,
+                                      device=sums.device)]),
         reduction="sum",
     ).cpu().tolist()
-    loss_sum, factor_sum, logp_sum, examples, tokens, discarded, scored = totals
+    loss_sum, factor_sum, logp_sum, examples, tokens, discarded, scored, drawn = totals
+    completed = epochs.add_step(int(drawn), int(examples), int(discarded), int(scored))
     elapsed = time.perf_counter() - started
     return {
         "step": step,
-        "epoch": round(filler.stream.epochs_done, 4),
+        "epoch": round(epochs.passes, 4),  # passes over the training split drawn so far
+        "drawn": int(drawn),
         "loss": loss_sum / examples,
         "mean_F": factor_sum / examples,
         "mean_logp": logp_sum / examples,
@@ -499,6 +768,7 @@ def _optimizer_step(config: TrainConfig, accelerator: Accelerator, model: nn.Mod
         "step_time_s": elapsed,
         "lr": lr,
         "grad_norm": None if grad_norm is None else float(grad_norm),
+        "epochs_completed": completed,
     }
 
 
@@ -533,13 +803,14 @@ def _no_grad_logprobs_fn(accelerator: Accelerator, model: nn.Module, split: Toke
     return logprobs
 
 
-def _any_across_processes(accelerator: Accelerator) -> Callable[[bool, bool], tuple[bool, bool]]:
-    def sync(short: bool, exhausted: bool) -> tuple[bool, bool]:
+def _any_across_processes(accelerator: Accelerator) -> Callable[..., tuple[bool, ...]]:
+    """`flags -> any over processes of each flag` (one all-reduce)."""
+    def sync(*flags: bool) -> tuple[bool, ...]:
         if accelerator.num_processes == 1:
-            return short, exhausted
-        flags = accelerator.reduce(torch.tensor([short, exhausted], dtype=torch.float32, device=accelerator.device),
+            return flags
+        total = accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=accelerator.device),
                                    reduction="sum")
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        return tuple(bool(value > 0) for value in total)
     return sync
 
 
@@ -568,8 +839,8 @@ def evaluate(accelerator: Accelerator, split: TokenizedSplit, config: TrainConfi
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(accelerator: Accelerator, filler: BatchFiller, run: RunDir, step: int, digest: str,
-                     keep: int) -> None:
+def _save_checkpoint(accelerator: Accelerator, filler: BatchFiller, epochs: EpochLog, run: RunDir, step: int,
+                     digest: str, keep: int) -> None:
     """Resumable state after optimizer step `step`; written to `.tmp`, renamed when complete."""
     final = run.checkpoints / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -581,7 +852,8 @@ def _save_checkpoint(accelerator: Accelerator, filler: BatchFiller, run: RunDir,
     (tmp / f"replacement_rank{accelerator.process_index}.json").write_text(json.dumps(filler.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config_hash": digest}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config_hash": digest,
+                                                            "epochs": asdict(epochs)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         complete = sorted(p for p in run.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))
@@ -590,7 +862,8 @@ def _save_checkpoint(accelerator: Accelerator, filler: BatchFiller, run: RunDir,
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(accelerator: Accelerator, filler: BatchFiller, path: Path, digest: str) -> int:
+def _load_checkpoint(accelerator: Accelerator, filler: BatchFiller, epochs: EpochLog, path: Path,
+                     digest: str) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     if state["config_hash"] != digest:
         raise ConfigError(f"checkpoint {path} was written by a different training config "
@@ -600,11 +873,16 @@ def _load_checkpoint(accelerator: Accelerator, filler: BatchFiller, path: Path, 
         raise ConfigError(f"checkpoint {path} has no {replacement.name}: it was written with a different number of processes")
     accelerator.load_state(str(path))
     filler.load_state_dict(json.loads(replacement.read_text()))
+    if "epochs" not in state:
+        raise ConfigError(f"checkpoint {path} was written by an older trainer (no per-epoch log); "
+                          f"use another output dir or overwrite")
+    for key, value in state["epochs"].items():
+        setattr(epochs, key, value)
     return int(state["step"])
 
 
 def _save_final(accelerator: Accelerator, model: nn.Module, tokenizer: Any, run: RunDir, config: TrainConfig,
-                digest: str, step: int) -> None:
+                digest: str, step: int, precision: Precision) -> None:
     """Hugging Face checkpoint (weights, config, tokenizer) in `final/`, written via `final.tmp`."""
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
     if accelerator.is_main_process:
@@ -612,7 +890,7 @@ def _save_final(accelerator: Accelerator, model: nn.Module, tokenizer: Any, run:
         shutil.rmtree(tmp, ignore_errors=True)
         lm = accelerator.unwrap_model(model).lm
         # bf16 runs are saved in bf16 (what vLLM and from_pretrained(dtype="auto") then use).
-        save_dtype = torch.bfloat16 if config.bf16 else torch.float32
+        save_dtype = getattr(torch, precision.checkpoint)
         weights = {k.removeprefix("lm."): v.to(save_dtype) if v.is_floating_point() else v
                    for k, v in state_dict.items()}
         lm.config.dtype = save_dtype
@@ -620,7 +898,8 @@ def _save_final(accelerator: Accelerator, model: nn.Module, tokenizer: Any, run:
         lm.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         info = {"n_eff": config.n_eff, "loss": config.loss, "epsilon": config.epsilon, "base_model": config.model,
-                "config_hash": digest, "steps": step, "config": config.model_dump(mode="json")}
+                "config_hash": digest, "steps": step, "precision": asdict(precision),
+                "config": config.model_dump(mode="json")}
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2))
         shutil.rmtree(run.final, ignore_errors=True)
         tmp.rename(run.final)

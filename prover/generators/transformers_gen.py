@@ -1,6 +1,6 @@
 """Tactic generation with a Hugging Face causal LM (CPU or one GPU), batched over states.
 
-Prompts come from `training.prompt.format_prompt` (the one prompt format) and are
+Prompts come from `training.prompt.build_prompt` (the one prompt format and truncation) and are
 left-padded so many states share one `generate` call. Each returned candidate carries
 its exact log-probability: the sum, over the decoded completion tokens including the
 terminating EOS and excluding padding, of the natural-log token probabilities under the
@@ -23,7 +23,7 @@ import torch
 
 from search.types import Candidate, GeneratorError, GeneratorTimeout
 from training.losses import IGNORE_INDEX, sequence_logprobs
-from training.prompt import format_prompt
+from training.prompt import build_prompt
 
 
 @dataclass(frozen=True)
@@ -223,14 +223,12 @@ class TransformersGenerator:
         return out
 
     def prompt_ids(self, state: str) -> list[int]:
-        """The prompt tokens of `state` (no padding), as the model sees them."""
-        ids = self.tokenizer(format_prompt(state), add_special_tokens=False)["input_ids"]
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            ids = ids[-self.max_prompt_tokens :]
-        return list(ids)
+        """The prompt tokens of `state` (no padding), as the model sees them: the one prompt
+        rule of training (`training.prompt.build_prompt`, within `max_prompt_tokens`)."""
+        return build_prompt(self.tokenizer, state, self.max_prompt_tokens).ids
 
     def _encode(self, states: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and attention mask, [n, P]. Over-long prompts keep their end."""
+        """Left-padded prompt ids and attention mask, [n, P]."""
         rows = [self.prompt_ids(state) for state in states]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from search.types import Candidate, GeneratorTimeout
-from training.prompt import format_prompt
+from training.prompt import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,10 @@ class VLLMGenerator:
     """A `TacticGenerator` over one vLLM offline engine (see the module docstring).
 
     `gpu_memory_fraction`: fraction of GPU memory this engine may take (several engines
-    can share a GPU). `max_prompt_tokens`: longer prompts keep their end (as the
-    transformers generator does). `llm`: an existing engine (tests, sharing).
-    `engine_options`: more `vllm.LLM` arguments (e.g. `enforce_eager=True` on CPU).
+    can share a GPU). `max_prompt_tokens`: longer prompts are shortened by the training
+    rule (`training.prompt.build_prompt`, as the transformers generator does). `llm`: an
+    existing engine (tests, sharing). `engine_options`: more `vllm.LLM` arguments (e.g.
+    `enforce_eager=True` on CPU).
     Calls are serialised by a lock: `LLM` is not thread-safe.
     """
 
@@ -199,9 +200,7 @@ class VLLMGenerator:
     def _prompts(self, states: Sequence[str]) -> list[dict[str, list[int]]]:
         prompts = []
         for state in states:
-            ids = list(self.tokenizer.encode(format_prompt(state), add_special_tokens=False))
-            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-                ids = ids[-self.max_prompt_tokens :]
+            ids = build_prompt(self.tokenizer, state, self.max_prompt_tokens).ids
             prompts.append({"prompt_token_ids": ids})
         return prompts
 
