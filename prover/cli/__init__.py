@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from prover import doctor
-from prover.cli import evaluate, expert, lean, pipeline, prove, serve, train
+from prover.cli import evaluate, expert, keys, lean, pipeline, prove, serve, train
 
 app = typer.Typer(
     name="dco-prover",
@@ -34,6 +34,7 @@ app.command("prove", help="Search for a proof of one theorem.")(prove.prove_comm
 app.command("eval", help="Batch evaluation of members and ensemble on a benchmark (resumable, Ray).")(evaluate.eval_command)
 app.command("expert-iteration", help="Prove unproved theorems, add the verified steps to the data, retrain every N_eff, evaluate; repeat.")(expert.expert_iteration_command)
 app.command("serve", help="Run the HTTP proof service.")(serve.serve_command)
+app.add_typer(keys.app, name="keys", help="Manage the service's API keys: list | add | revoke | rotate.")
 app.command("setup-lean", help="Install elan, the pinned Lean toolchain, the Mathlib cache and the REPL.")(lean.setup_lean_command)
 
 
