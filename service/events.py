@@ -53,6 +53,10 @@ class EventHub:
         complete = after == current or (bool(backlog) and backlog[0]["seq"] == after + 1)
         return queue, backlog, current, complete
 
+    def last_progress(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._last_progress.get(job_id)
+
     def unsubscribe(self, job_id: str, queue: asyncio.Queue) -> None:
         with self._lock:
             subs = self._subscribers.get(job_id, [])

@@ -525,6 +525,6 @@ class JobStore:
                 conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 conn.execute("VACUUM")
             else:
-                conn.execute("PRAGMA incremental_vacuum").fetchall()
+                conn.executescript("PRAGMA incremental_vacuum;")  # stepped to the end: the whole freelist
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         self.restrict_permissions()

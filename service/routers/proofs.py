@@ -285,7 +285,8 @@ async def events(
     principal: Principal = Depends(caller),
     state: ServiceState = Depends(get_state),
 ) -> EventSourceResponse:
-    """Server-sent events, each with an `id:`: `status` (queued with `queue_position`/running),
+    """Server-sent events, each with an `id:`: `status` (first a snapshot: queued with
+    `queue_position`, or running with the search's last `progress`; later, changes),
     `progress` (expansions or passes, max depth, elapsed seconds), then one `result` (the
     job as in GET /v1/proofs/{id}, id `result`), then the stream ends. Reconnecting with
     `Last-Event-ID` resumes: the events after it that the server still holds, else a fresh
@@ -315,11 +316,16 @@ async def _stream(state: ServiceState, job_id: str, after: int | None, slot: _St
             if job is None:
                 return
             if after is None or (after >= 0 and not complete):  # a new stream, or a resume that missed events
+                # The state as of event `seq`: the store's row plus the search's last progress.
                 position = await run_in_threadpool(state.store.queue_position, job)
-                snapshot = {"status": job.status.value, "attempts": job.attempts}
+                snapshot: dict[str, Any] = {"status": job.status.value, "attempts": job.attempts}
                 if position is not None:
                     snapshot["queue_position"] = position
+                last = state.hub.last_progress(job_id)
+                if last is not None and not job.status.terminal:
+                    snapshot["progress"] = {k: v for k, v in last.items() if k not in ("type", "seq")}
                 yield _sse("status", snapshot, seq)
+                backlog = []
             if not job.status.terminal:
                 for event in backlog:
                     if event["type"] in ("progress", "status"):
