@@ -324,3 +324,56 @@ def test_keys_cli_add_list_rotate_revoke(tmp_path, capfd):
     code, _, err = run("revoke", "nobody")
     assert code == 2 and "no key 'nobody'" in err
     assert oct((tmp_path / "api_keys.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_purge_compacts_a_database_made_before_auto_vacuum(tmp_path):
+    import sqlite3
+
+    from service.store import _SCHEMA
+
+    path = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(path)  # an older server's database: auto_vacuum off
+    conn.executescript(_SCHEMA)
+    conn.close()
+    store = JobStore(path, synchronous="NORMAL")
+    try:
+        for i in range(30):
+            store.submit("k", {"theorem": {"id": "t"}, "payload": "x" * 20_000}, idempotency_key=str(i), max_queue=100, max_active_for_key=100)
+            job = store.claim()
+            store.finish(job.id, JobStatus.FAILED, result=None)
+        assert store.purge_finished(0.0, now=time.time() + 1) == 30
+        with store._read() as conn:
+            assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental from now on
+            assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+            assert conn.execute("PRAGMA page_count").fetchone()[0] < 20
+    finally:
+        store.close()
+
+
+def test_concurrent_key_writes_lose_nothing_and_readers_never_see_a_partial_file(tmp_path):
+    import threading
+
+    path = tmp_path / "api_keys.json"
+    add_key(path, "first")
+    stop = threading.Event()
+    bad_reads: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                json.loads(path.read_text())
+            except (ValueError, FileNotFoundError) as err:
+                bad_reads.append(repr(err))
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    writers = [threading.Thread(target=add_key, args=(path, f"k{i}")) for i in range(12)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert bad_reads == []
+    assert {e["id"] for e in json.loads(path.read_text())["keys"]} == {"first", *(f"k{i}" for i in range(12))}
+    assert not list(tmp_path.glob("*.tmp")) and oct(path.stat().st_mode & 0o777) == "0o600"
