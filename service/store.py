@@ -192,6 +192,8 @@ class JobStore:
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._inode = os.stat(self.path).st_ino
+        for _ in range(read_pool_size):  # opened now: the store's file descriptors are fixed from the start
+            self._readers.put(self._connect())
         self.restrict_permissions()
 
     # ----------------------------------------------------------- connections
@@ -216,7 +218,7 @@ class JobStore:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """A reader connection from the pool (created on first need, at most `read_pool_size`)."""
+        """A reader connection from the pool (`read_pool_size` of them, opened with the store)."""
         if self._closed:
             raise StoreUnavailable("the job store is closed")
         if not self._reader_slots.acquire(timeout=POOL_WAIT_S):

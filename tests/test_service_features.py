@@ -342,7 +342,7 @@ def test_purge_compacts_a_database_made_before_auto_vacuum(tmp_path):
             job = store.claim()
             store.finish(job.id, JobStatus.FAILED, result=None)
         assert store.purge_finished(0.0, now=time.time() + 1) == 30
-        with store._read() as conn:
+        with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental from now on
             assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
             assert conn.execute("PRAGMA page_count").fetchone()[0] < 20
