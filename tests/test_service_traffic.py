@@ -65,7 +65,7 @@ def srv(tmp_path_factory):
         proc.stop()
 
 
-def _burst(server: ServerProcess, key: str, n: int = 40, rounds: int = 4) -> list[int]:
+def _burst(server: ServerProcess, key: str, n: int = 40, rounds: int = 4, ids: list[str] | None = None) -> list[int]:
     """`n` concurrent clients, `rounds` requests each: submissions and metrics scrapes, which
     run on the server's thread pool (sync routes), so a burst spreads over up to 40 threads."""
     start = threading.Barrier(n)
@@ -79,7 +79,10 @@ def _burst(server: ServerProcess, key: str, n: int = 40, rounds: int = 4) -> lis
                 if (i + r) % 4 == 3:
                     codes.append(client.get("/metrics").status_code)
                 else:
-                    codes.append(client.post("/v1/proofs", json={"theorem_id": SAMPLE_CONNECTED}).status_code)
+                    response = client.post("/v1/proofs", json={"theorem_id": SAMPLE_CONNECTED})
+                    codes.append(response.status_code)
+                    if ids is not None and response.status_code == 202:
+                        ids.append(response.json()["id"])
         return codes
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
@@ -90,17 +93,21 @@ def test_bursts_after_idle_gaps_do_not_leak_file_descriptors(srv):
     """Each burst after an idle gap runs on new pool threads; before the fix each new thread
     opened a SQLite connection that was never closed (~70 fds per burst of 40)."""
     key = srv.keys["alice"]
-    codes = _burst(srv, key)
+    ids: list[str] = []
+    codes = _burst(srv, key, ids=ids)
     assert set(codes) <= {200, 202}, codes
     time.sleep(1.0)
     after_first = srv.open_fds()
     time.sleep(ANYIO_IDLE_S + 1.5)  # the burst's threads retire
-    codes = _burst(srv, key)
+    codes = _burst(srv, key, ids=ids)
     assert set(codes) <= {200, 202}, codes
     time.sleep(1.0)
     after_second = srv.open_fds()
     assert after_second - after_first <= 6, (after_first, after_second)
     assert httpx.get(f"{srv.base_url}/readyz", timeout=10).status_code == 200
+    with srv.client(key) as client:  # leave the workers free for the next tests
+        for job_id in ids:
+            client.delete(f"/v1/proofs/{job_id}")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -315,7 +315,8 @@ async def _stream(state: ServiceState, job_id: str, after: int | None, slot: _St
             job = await run_in_threadpool(state.store.get, job_id)
             if job is None:
                 return
-            if after is None or (after >= 0 and not complete):  # a new stream, or a resume that missed events
+            resumed_after_end = after is not None and job.status.terminal  # all that is left to tell is the result
+            if not resumed_after_end and (after is None or (after >= 0 and not complete)):  # new, or missed events
                 # The state as of event `seq`: the store's row plus the search's last progress.
                 position = await run_in_threadpool(state.store.queue_position, job)
                 snapshot: dict[str, Any] = {"status": job.status.value, "attempts": job.attempts}
