@@ -313,6 +313,8 @@ class KeyRing:
         self._checked = now
         try:
             self._revoked = _read_revocations(self.path)
+            if not self._revoked_ok:  # readable again (e.g. permissions fixed, same stamp): re-check everything
+                force = True
             self._revoked_ok = True
         except (OSError, ValueError) as err:
             if self._revoked_ok:

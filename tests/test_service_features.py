@@ -384,3 +384,20 @@ def test_concurrent_key_writes_lose_nothing_and_readers_never_see_a_partial_file
     assert bad_reads == []
     assert {e["id"] for e in json.loads(path.read_text())["keys"]} == {"first", *(f"k{i}" for i in range(12))}
     assert not list(tmp_path.glob("*.tmp")) and oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_an_unreadable_revocation_list_refuses_every_key_until_fixed(tmp_path, monkeypatch):
+    path = tmp_path / "api_keys.json"
+    alice = add_key(path, "alice")
+    revoke_key(path, add_key(path, "bob") and "bob")
+    monkeypatch.setattr(KeyRing, "RELOAD_CHECK_S", 0.0)
+    ring = KeyRing(path, AuthConfig())
+    assert ring.authenticate(alice).key_id == "alice"
+    revoked = path.with_name(path.name + ".revoked")
+    good = revoked.read_text()
+    revoked.write_text(good + "not-hex\n")
+    with pytest.raises(ApiError) as err:
+        ring.authenticate(alice)
+    assert err.value.status == 503 and not ring.status()[0]
+    revoked.write_text(good)
+    assert ring.authenticate(alice).key_id == "alice" and ring.status()[0]
