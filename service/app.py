@@ -15,13 +15,20 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import sqlite3
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import ServiceConfig, load_config
-from service.errors import ApiError, api_error_handler, http_error_handler, validation_error_handler
+from service.errors import (
+    ApiError, api_error_handler, http_error_handler, store_error_handler, unexpected_error_handler, validation_error_handler,
+)
+from service.store import StoreUnavailable
 from service.routers import check, health, proofs
 from service.state import ServiceState
 
@@ -35,6 +42,16 @@ durably; poll `GET /v1/proofs/{id}` or follow `GET /v1/proofs/{id}/events` (serv
 events). Every error has the body `{"error": {"code", "message"}}`; 429 and 503 carry
 `Retry-After`. Authenticate with `Authorization: Bearer dco-<id>.<secret>`.
 """
+SWAGGER_STATIC = "/docs-static"  # Swagger UI's files, served by this app (no CDN: /docs works offline)
+
+
+def _swagger_dir() -> str | None:
+    """The Swagger UI distribution of the `swagger-ui-bundle` package, when installed."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return swagger_ui_bundle.swagger_ui_path
 
 
 class _RequestTimer:
@@ -113,10 +130,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
         version="0.1.0",
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served below from bundled files
+        redoc_url=None,
     )
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(StoreUnavailable, store_error_handler)
+    app.add_exception_handler(sqlite3.Error, store_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    _add_docs(app)
+    app.include_router(proofs.batch_router)
     app.include_router(proofs.router)
     app.include_router(check.router)
     app.include_router(health.router)
@@ -129,6 +153,37 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.add_middleware(_BodyLimit, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(_RequestTimer, observe=observe)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """`/docs`: Swagger UI from the `swagger-ui-bundle` package's files (Apache-2.0), served
+    by this app, so the page needs no network. Without the package /docs says how to get it."""
+    swagger = _swagger_dir()
+    if swagger is not None:
+        from starlette.staticfiles import StaticFiles
+
+        app.mount(SWAGGER_STATIC, StaticFiles(directory=swagger), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if swagger is None:
+            return HTMLResponse(
+                "<p>Swagger UI is not installed: <code>pip install swagger-ui-bundle</code> "
+                "(the service extra has it). The API description is at <a href=\"/openapi.json\">/openapi.json</a>.</p>",
+                status_code=503, headers={"Retry-After": "3600"},
+            )
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_STATIC}/favicon-32x32.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def app_from_env() -> FastAPI:

@@ -69,6 +69,20 @@ def plan_backend(config: ServiceConfig) -> BackendPlan:
     return BackendPlan("repl" if ready else None, checks, backend.theorem_source or "minif2f")
 
 
+def backend_versions(kind: str | None) -> dict[str, str | None]:
+    """`{"backend", "lean", "mathlib"}` of a backend kind: for `repl`, the Lean project's pinned
+    toolchain and Mathlib revision (`prover.lean.paths`); unknown (None) for `replay`."""
+    if kind != "repl":
+        return {"backend": kind, "lean": None, "mathlib": None}
+    from prover.lean.paths import LEAN_TOOLCHAIN, MATHLIB_REV, lean_project_dir
+
+    try:
+        lean = (lean_project_dir() / "lean-toolchain").read_text(encoding="utf-8").strip() or LEAN_TOOLCHAIN
+    except OSError:
+        lean = LEAN_TOOLCHAIN
+    return {"backend": kind, "lean": lean, "mathlib": MATHLIB_REV}
+
+
 class TheoremCatalog:
     """The theorems a request may name by `theorem_id`."""
 

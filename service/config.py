@@ -50,6 +50,7 @@ class Limits(_Strict):
     max_check_tactics: int = Field(1000, ge=1)
     max_tactic_chars: int = Field(4000, ge=1)
     check_timeout_s: float = Field(120.0, gt=0, description="seconds POST /v1/check waits for its verification")
+    max_batch_items: int = Field(100, ge=1, description="proof requests in one POST /v1/proofs:batch")
     budget_caps: BudgetCaps = Field(default_factory=BudgetCaps)
     default_budget: DefaultBudget = Field(default_factory=DefaultBudget)
 
@@ -71,6 +72,8 @@ class AuthConfig(_Strict):
     rate_per_s: float = Field(20.0, gt=0, description="default per-key token-bucket refill, requests per second")
     burst: int = Field(40, ge=1, description="default per-key bucket size, requests")
     max_concurrent_jobs: int = Field(16, ge=1, description="default per-key queued+running jobs")
+    max_open_streams: int = Field(8, ge=1, description="default per-key open event streams (GET /v1/proofs/{id}/events)")
+    max_concurrent_checks: int = Field(2, ge=1, description="default per-key POST /v1/check requests in flight")
 
 
 class WorkerConfig(_Strict):
@@ -148,6 +151,13 @@ class BackendConfig(_Strict):
     ensemble: Literal["union", "mixture"] = "union"
 
 
+class RetentionConfig(_Strict):
+    """Finished jobs older than `max_age_days` are deleted (then the database is compacted)."""
+
+    max_age_days: float | None = Field(30.0, gt=0, description="days after a job finished; null keeps every job")
+    interval_s: float = Field(3600.0, gt=0, description="seconds between purges (the first runs at startup)")
+
+
 class ServiceConfig(_Strict):
     data_dir: Path = Field(Path("runs/service"), description="SQLite job store and default key file live here")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
@@ -157,6 +167,7 @@ class ServiceConfig(_Strict):
     limits: Limits = Field(default_factory=Limits)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _in_process_models_for_one_worker(self) -> "ServiceConfig":

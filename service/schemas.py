@@ -93,13 +93,50 @@ class SearchResultOut(BaseModel):
     members: dict[str, "SearchResultOut"] = Field(default_factory=dict)
 
 
+FailureReason = Literal["budget_exhausted", "all_branches_failed", "depth_cap", "timeout"]
+
+
+class SearchCounters(BaseModel):
+    """What the search did (the whole ensemble's totals); times in wall-clock seconds."""
+
+    expansions: int = 0
+    passes: int = 0
+    lean_calls: int = 0
+    generator_calls: int = 0
+    max_depth_reached: int = 0
+    wall_time_s: float = 0.0
+    lean_time_s: float = 0.0
+    generator_time_s: float = 0.0
+
+
+class BackendVersions(BaseModel):
+    """The Lean and Mathlib versions of the backend that ran the job (null: not known, e.g.
+    the replay backend, whose recorded data names no versions)."""
+
+    backend: str | None = None
+    lean: str | None = None
+    mathlib: str | None = None
+
+
 class JobView(BaseModel):
-    """A proof job. `proof`/`verified` are set when `status == proved`; `result` once it has one."""
+    """A proof job. `proof`/`proof_text`/`verified` are set when `status == proved`; `result` once it has one."""
 
     id: str
     status: JobStatusName
     theorem_id: str
     proof: list[str] | None = None
+    proof_text: str | None = Field(
+        None,
+        description="the verified proof as Lean text to paste: the whole `theorem … := by` block (the replay "
+        "backend has no statement text: `theorem <name> := by` and the tactics)",
+    )
+    axioms: list[str] | None = Field(
+        None, description="axioms the verified proof depends on, as the Lean backend's audit printed them; null when the backend does not audit axioms (replay)"
+    )
+    versions: BackendVersions | None = Field(None, description="Lean and Mathlib versions of the backend that ran the job")
+    reason: FailureReason | None = Field(None, description="why a failed job failed")
+    counters: SearchCounters | None = Field(None, description="the search's counters, once it has a result")
+    queue_position: int | None = Field(None, ge=1, description="while queued: 1 for the next job a worker takes")
     verified: bool = False
     search_status: str | None = Field(None, description="the search result's own status (e.g. budget_exhausted)")
     result: SearchResultOut | None = None
@@ -122,6 +159,38 @@ class SubmitResponse(BaseModel):
     events_url: str
 
 
+class JobList(BaseModel):
+    """A page of a key's jobs, newest first; pass `next_cursor` as `cursor` for the next page (null: no more)."""
+
+    items: list[JobView]
+    next_cursor: str | None
+
+
+class BatchRequest(_In):
+    """Several proof requests in one call: one job each, answered in request order.
+
+    `idempotency_key` (optional) makes the whole batch idempotent: item `i` without its own
+    key uses `<idempotency_key>/<i>`, so resending the batch returns the same jobs.
+    """
+
+    items: list[dict[str, Any]] = Field(..., min_length=1, max_length=10_000, description="proof requests (as POST /v1/proofs)")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=180, pattern=r"^[\x21-\x7e]+$")
+
+
+class BatchItemOut(BaseModel):
+    """One item's answer: `id` (and its job fields) when accepted, else `error`."""
+
+    id: str | None = None
+    status: JobStatusName | None = None
+    replayed: bool | None = None
+    status_url: str | None = None
+    error: "ErrorDetail | None" = None
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItemOut]
+
+
 class CheckResponse(BaseModel):
     valid: bool = Field(description="the proof elaborates with no errors and no sorry")
     message: str = Field(description="why not, when not valid")
@@ -140,9 +209,10 @@ class ErrorBody(BaseModel):
 
 
 BODY_ERRORS = {
-    400: {"model": ErrorBody, "description": "the body could not be read (not UTF-8 / not parseable)"},
     413: {"model": ErrorBody, "description": "the body is larger than the server accepts"},
+    422: {"model": ErrorBody, "description": "invalid request (malformed JSON included); the message names the problem"},
 }
+BatchItemOut.model_rebuild()
 
 
 class Health(BaseModel):

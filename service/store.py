@@ -1,4 +1,10 @@
-"""The durable job store: SQLite in WAL mode, one connection per thread.
+"""The durable job store: SQLite in WAL mode, a bounded set of connections.
+
+Connections: one writer connection behind a lock (SQLite serialises writers anyway, so
+writers wait on the lock without holding anything else) and a bounded pool of reader
+connections (WAL readers never wait for the writer). The number of connections, and so of
+open file descriptors, is fixed however many threads call the store; `close()` closes
+them all. The database and its WAL/SHM files are created readable by their owner only.
 
 A job row is written (and, with `synchronous=FULL`, fsynced) before the API answers 202,
 so an accepted job is never lost. Status moves only forward:
@@ -18,6 +24,8 @@ import enum
 import hashlib
 import json
 import sqlite3
+import os
+import queue
 import threading
 import time
 import uuid
@@ -48,7 +56,17 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_key_status ON jobs (key_id, status);
+CREATE INDEX IF NOT EXISTS jobs_by_key_seq ON jobs (key_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs (finished_at);
 """
+
+READ_POOL_SIZE = 4  # reader connections (each holds ~3 file descriptors: db, -wal, -shm)
+POOL_WAIT_S = 30.0  # seconds a caller waits for a free reader connection before StoreUnavailable
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store cannot be used (no connection, database missing or unreadable)."""
+
 
 
 class JobStatus(str, enum.Enum):
@@ -142,18 +160,29 @@ def request_fingerprint(request: dict[str, Any]) -> str:
 
 
 class JobStore:
-    """Thread-safe access to the job table; each thread gets its own connection."""
+    """Thread-safe access to the job table through a fixed set of connections."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL", read_pool_size: int = READ_POOL_SIZE) -> None:
         if synchronous not in {"FULL", "NORMAL"}:
             raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        if read_pool_size < 1:
+            raise ValueError(f"read_pool_size must be >= 1, got {read_pool_size}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.synchronous = synchronous
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        conn = self._conn()
+        self._closed = False
+        self._write_lock = threading.Lock()
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._reader_slots = threading.BoundedSemaphore(read_pool_size)
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # owner-only from the first byte
+        os.close(fd)
+        self._writer = self._connect()
+        conn = self._writer
+        fresh = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        if fresh:  # retention frees pages without a full VACUUM (must precede the first table)
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RuntimeError(f"SQLite at {self.path} refused WAL mode (got {mode!r})")
@@ -162,43 +191,107 @@ class JobStore:
             raise RuntimeError(f"job store {self.path} has schema version {version}; this server reads {SCHEMA_VERSION}")
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._inode = os.stat(self.path).st_ino
+        for _ in range(read_pool_size):  # opened now: the store's file descriptors are fixed from the start
+            self._readers.put(self._connect())
+        self.restrict_permissions()
 
     # ----------------------------------------------------------- connections
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        with self._all_lock:
+            self._all.append(conn)
         return conn
+
+    def restrict_permissions(self) -> None:
+        """Make the database and its WAL/SHM files readable by their owner only (0600)."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.chmod(f"{self.path}{suffix}", 0o600)
+            except FileNotFoundError:
+                pass
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A reader connection from the pool (`read_pool_size` of them, opened with the store)."""
+        if self._closed:
+            raise StoreUnavailable("the job store is closed")
+        if not self._reader_slots.acquire(timeout=POOL_WAIT_S):
+            raise StoreUnavailable(f"no job store connection became free within {POOL_WAIT_S:g} s")
+        conn = None
+        try:
+            try:
+                conn = self._readers.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            yield conn
+        finally:
+            if conn is not None:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._readers.put(conn)
+            self._reader_slots.release()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A `BEGIN IMMEDIATE` transaction: writers serialise here, readers (WAL) do not wait."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        """A `BEGIN IMMEDIATE` transaction on the writer connection (writers serialise on its lock)."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreUnavailable("the job store is closed")
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def connection_count(self) -> int:
+        """Open connections (bounded by 1 + read_pool_size)."""
+        with self._all_lock:
+            return len(self._all)
+
+    def _require_same_file(self) -> None:
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            inode = os.stat(self.path).st_ino
+        except OSError as err:
+            raise StoreUnavailable(f"the database file {self.path.name} is gone ({err.strerror}); restart the server") from err
+        if inode != self._inode:
+            raise StoreUnavailable(f"the database file {self.path.name} was replaced under the server; restart it")
+
+    def probe(self) -> None:
+        """Raise `StoreUnavailable` unless the store works now: the database file is the one
+        this server opened, a new connection can open it (file descriptors, permissions) and
+        read the jobs table, and the write lock can be taken."""
+        self._require_same_file()
+        try:
+            fresh = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=5.0)
+            try:
+                fresh.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+            finally:
+                fresh.close()
+            with self._write():
+                pass
+        except sqlite3.Error as err:
+            raise StoreUnavailable(f"the job store cannot be used: {err}") from err
 
     def close(self) -> None:
-        with self._connections_lock:
-            for conn in self._connections:
+        with self._write_lock:
+            self._closed = True
+        with self._all_lock:
+            for conn in self._all:
                 try:
                     conn.close()
-                except sqlite3.ProgrammingError:  # closed from its own thread already
+                except sqlite3.ProgrammingError:
                     pass
-            self._connections.clear()
-        self._local = threading.local()
+            self._all.clear()
 
     # ---------------------------------------------------------------- writes
 
@@ -216,31 +309,52 @@ class JobStore:
         The checks and the insert are one transaction, so concurrent submissions cannot
         overshoot `max_queue` or `max_active_for_key`.
         """
-        fingerprint = request_fingerprint(request)
+        return self.submit_many(
+            key_id, [(request, idempotency_key)], max_queue=max_queue, max_active_for_key=max_active_for_key
+        )[0]
+
+    def submit_many(
+        self,
+        key_id: str,
+        items: list[tuple[dict[str, Any], str | None]],
+        *,
+        max_queue: int,
+        max_active_for_key: int,
+    ) -> list[Submission]:
+        """`submit` for each `(request, idempotency_key)` in order, in one transaction (one fsync)."""
+        out: list[Submission] = []
+        self._require_same_file()  # an accepted job must be in the file a restart reads
         with self._write() as conn:
-            if idempotency_key is not None:
-                row = conn.execute(
-                    "SELECT * FROM jobs WHERE key_id = ? AND idempotency_key = ?", (key_id, idempotency_key)
-                ).fetchone()
-                if row is not None:
-                    outcome = SubmitOutcome.REPLAYED if row["request_hash"] == fingerprint else SubmitOutcome.CONFLICT
-                    return Submission(outcome, JobRecord.from_row(row))
             depth = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-            if depth >= max_queue:
-                return Submission(SubmitOutcome.QUEUE_FULL, active=depth)
             active = conn.execute(
                 "SELECT COUNT(*) FROM jobs WHERE key_id = ? AND status IN (?, ?)", (key_id, *ACTIVE)
             ).fetchone()[0]
-            if active >= max_active_for_key:
-                return Submission(SubmitOutcome.QUOTA, active=active)
-            job_id = uuid.uuid4().hex
-            conn.execute(
-                "INSERT INTO jobs (id, key_id, idempotency_key, request_hash, request_json, status, created_at)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                (job_id, key_id, idempotency_key, fingerprint, json.dumps(request, sort_keys=True), time.time()),
-            )
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Submission(SubmitOutcome.CREATED, JobRecord.from_row(row))
+            for request, idempotency_key in items:
+                fingerprint = request_fingerprint(request)
+                if idempotency_key is not None:
+                    row = conn.execute(
+                        "SELECT * FROM jobs WHERE key_id = ? AND idempotency_key = ?", (key_id, idempotency_key)
+                    ).fetchone()
+                    if row is not None:
+                        outcome = SubmitOutcome.REPLAYED if row["request_hash"] == fingerprint else SubmitOutcome.CONFLICT
+                        out.append(Submission(outcome, JobRecord.from_row(row)))
+                        continue
+                if depth >= max_queue:
+                    out.append(Submission(SubmitOutcome.QUEUE_FULL, active=depth))
+                    continue
+                if active >= max_active_for_key:
+                    out.append(Submission(SubmitOutcome.QUOTA, active=active))
+                    continue
+                job_id = uuid.uuid4().hex
+                row = conn.execute(
+                    "INSERT INTO jobs (id, key_id, idempotency_key, request_hash, request_json, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'queued', ?) RETURNING *",
+                    (job_id, key_id, idempotency_key, fingerprint, json.dumps(request, sort_keys=True), time.time()),
+                ).fetchall()[0]
+                depth += 1
+                active += 1
+                out.append(Submission(SubmitOutcome.CREATED, JobRecord.from_row(row)))
+        return out
 
     def claim(self) -> JobRecord | None:
         """The oldest queued job, now `running` with `attempts + 1`; None when the queue is empty."""
@@ -332,24 +446,87 @@ class JobStore:
     # ----------------------------------------------------------------- reads
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return JobRecord.from_row(row) if row is not None else None
 
     def cancel_requested(self, job_id: str) -> bool:
-        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
     def counts_by_status(self) -> dict[str, int]:
         """Jobs per status; every status is present (0 when none)."""
         counts = {status.value: 0 for status in JobStatus}
-        for status, n in self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
-            counts[status] = n
+        with self._read() as conn:
+            for status, n in conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall():
+                counts[status] = n
         return counts
 
     def queue_depth(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+        with self._read() as conn:
+            return conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
 
     def active_for_key(self, key_id: str) -> int:
-        return self._conn().execute(
-            "SELECT COUNT(*) FROM jobs WHERE key_id = ? AND status IN (?, ?)", (key_id, *ACTIVE)
-        ).fetchone()[0]
+        with self._read() as conn:
+            return conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE key_id = ? AND status IN (?, ?)", (key_id, *ACTIVE)
+            ).fetchone()[0]
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        """1 for the next job a worker claims; None unless `job` is queued (claims take the oldest first)."""
+        if job.status is not JobStatus.QUEUED:
+            return None
+        with self._read() as conn:
+            ahead = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,)).fetchone()[0]
+        return ahead + 1
+
+    def list_for_key(
+        self, key_id: str, *, status: str | None = None, limit: int = 50, before_seq: int | None = None
+    ) -> tuple[list[JobRecord], int | None]:
+        """A key's jobs, newest first: up to `limit` with `seq < before_seq`, and the cursor
+        (`seq` of the last one) when more may follow, else None."""
+        sql = "SELECT * FROM jobs WHERE key_id = ?"
+        args: list[Any] = [key_id]
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(before_seq)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit + 1)
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        jobs = [JobRecord.from_row(r) for r in rows[:limit]]
+        return jobs, (jobs[-1].seq if len(rows) > limit else None)
+
+    def purge_finished(self, older_than_s: float, *, now: float | None = None) -> int:
+        """Delete finished jobs whose `finished_at` is more than `older_than_s` seconds ago,
+        then give the freed pages back to the file system. Returns the number deleted."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        terminal = tuple(s.value for s in JobStatus if s.terminal)
+        marks = ",".join("?" * len(terminal))
+        with self._write() as conn:
+            deleted = conn.execute(
+                f"DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? AND status IN ({marks})",
+                (cutoff, *terminal),
+            ).rowcount
+        if deleted:
+            self.compact()
+        return deleted
+
+    def compact(self) -> None:
+        """Free unused pages (incremental vacuum; a full VACUUM once for a database made
+        before auto_vacuum was set) and truncate the WAL."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreUnavailable("the job store is closed")
+            conn = self._writer
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                conn.execute("VACUUM")
+            else:
+                conn.executescript("PRAGMA incremental_vacuum;")  # stepped to the end: the whole freelist
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self.restrict_permissions()

@@ -118,6 +118,9 @@ class WorkerPool:
         self._checks: collections.deque[CheckTask] = collections.deque()
         self._running: dict[str, "WorkerSlot"] = {}
         self.slots = [WorkerSlot(i, self) for i in range(config.workers.count)]
+        from service.backend import backend_versions
+
+        self.versions = backend_versions(backend_kind)
 
     # -------------------------------------------------------------- control
 
@@ -430,6 +433,8 @@ class WorkerSlot(threading.Thread):
 
     def _finish(self, job: JobRecord, status: JobStatus, result: dict | None, error: str | None) -> None:
         metrics = self.pool.metrics
+        if result is not None:  # which Lean/Mathlib answered (service.results reads it)
+            result = {**result, "backend_versions": self.pool.versions}
         if self.pool.store.finish(job.id, status, result=result, error=error):
             metrics.finished.labels(status.value).inc()
             if result is not None:

@@ -48,9 +48,10 @@ def write_config(path: Path, data_dir: Path, **sections: Any) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -61,7 +62,7 @@ class ServerProcess:
     def start(self, timeout_s: float = 60.0) -> "ServerProcess":
         """Start uvicorn and wait until `/healthz` answers (the lifespan has run)."""
         self.port = free_port()
-        env = dict(os.environ, DCO_SERVICE_CONFIG=str(self.config_path), DCO_SERVICE_OVERRIDES="{}")
+        env = dict(os.environ, DCO_SERVICE_CONFIG=str(self.config_path), DCO_SERVICE_OVERRIDES="{}", **self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -100,6 +101,19 @@ class ServerProcess:
 
         assert self.proc is not None
         return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def open_fds(self) -> int:
+        """File descriptors the server process holds now (its workers not included)."""
+        import psutil
+
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).num_fds()
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid).memory_info().rss
 
     def kill9(self) -> None:
         """SIGKILL the server process only (its workers must notice and exit by themselves)."""

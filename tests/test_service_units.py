@@ -33,7 +33,8 @@ def submit(store: JobStore, key: str = "k", idem: str | None = None, request: di
 
 
 def test_store_uses_wal_and_a_job_moves_forward_only(store):
-    assert store._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with store._read() as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     job = submit(store).job
     assert job.status is JobStatus.QUEUED and job.attempts == 0
     claimed = store.claim()
@@ -242,8 +243,8 @@ def test_event_hub_delivers_across_threads_and_done_is_never_dropped():
     async def main():
         hub = EventHub()
         hub.publish("j", {"type": "progress", "passes": 1})
-        queue = hub.subscribe("j")
-        assert (await queue.get())["passes"] == 1  # the last progress, for late subscribers
+        queue, backlog, seq, _ = hub.subscribe("j")
+        assert [e["passes"] for e in backlog] == [1] and seq == 1  # the last progress, for late subscribers
 
         def flood():
             for i in range(1000):
@@ -259,10 +260,30 @@ def test_event_hub_delivers_across_threads_and_done_is_never_dropped():
             events.append(event)
             if event["type"] == "done":
                 break
-        assert events[-1] == {"type": "done", "status": "proved"}
+        assert events[-1] == {"type": "done", "status": "proved", "seq": 1002}
+        assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
         assert len(events) <= 256
         hub.unsubscribe("j", queue)
         assert hub.subscriber_count() == 0
+
+    asyncio.run(main())
+
+
+def test_event_hub_replays_what_a_resumed_stream_missed():
+    async def main():
+        hub = EventHub()
+        for i in range(1, 6):
+            hub.publish("j", {"type": "progress", "passes": i})
+        _, backlog, seq, complete = hub.subscribe("j", after=3)
+        assert [e["seq"] for e in backlog] == [4, 5] and seq == 5 and complete
+        _, backlog, _, complete = hub.subscribe("j", after=5)
+        assert backlog == [] and complete
+        for i in range(100):  # more than the replay buffer holds
+            hub.publish("j", {"type": "progress", "passes": i})
+        _, backlog, _, complete = hub.subscribe("j", after=2)
+        assert not complete  # events were lost: the stream must send a fresh snapshot
+        _, backlog, _, complete = hub.subscribe("j", after=10_000)  # an id from before a restart
+        assert not complete
 
     asyncio.run(main())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from prover import doctor
-from prover.cli import evaluate, expert, lean, pipeline, prove, serve, serve_models, train
+from prover.cli import evaluate, expert, keys, lean, pipeline, prove, serve, serve_models, train
 
 app = typer.Typer(
     name="dco-prover",
@@ -35,6 +35,7 @@ app.command("eval", help="Batch evaluation of members and ensemble on a benchmar
 app.command("expert-iteration", help="Prove unproved theorems, add the verified steps to the data, retrain every N_eff, evaluate; repeat.")(expert.expert_iteration_command)
 app.command("serve", help="Run the HTTP proof service.")(serve.serve_command)
 app.command("serve-models", help="One vLLM OpenAI server per ensemble member (memory planned, started one after another); writes the endpoints manifest.")(serve_models.serve_models_command)
+app.add_typer(keys.app, name="keys", help="Manage the service's API keys: list | add | revoke | rotate.")
 app.command("setup-lean", help="Install elan, the pinned Lean toolchain, the Mathlib cache and the REPL.")(lean.setup_lean_command)
 
 

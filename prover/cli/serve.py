@@ -23,18 +23,8 @@ CONFIG_ENV = "DCO_SERVICE_CONFIG"  # read by service.app.app_from_env
 OVERRIDES_ENV = "DCO_SERVICE_OVERRIDES"
 
 
-def serve_command(
-    config: Annotated[Optional[Path], typer.Option("--config", help="Service config (YAML or TOML); see service/config.py.")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind. Keep loopback unless a TLS proxy fronts the service.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Job store and key file directory (overrides the config's data_dir).")] = None,
-    add_key: Annotated[Optional[str], typer.Option("--add-key", help="Create API key NAME, print it once, and exit.")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-) -> None:
-    """Serve the proof API until interrupted."""
-    if config is not None and not config.is_file():
-        typer.echo(f"error: config file {config} does not exist", err=True)
-        raise typer.Exit(code=2)
+def service_env(config: Path | None, data_dir: Path | None) -> dict[str, str]:
+    """The environment `service.app` / `service.manage` read their config from."""
     env = dict(os.environ)
     if config is not None:
         env[CONFIG_ENV] = str(config.resolve())
@@ -42,6 +32,22 @@ def serve_command(
         env.pop(CONFIG_ENV, None)
     overrides = {"data_dir": str(data_dir.resolve())} if data_dir is not None else {}
     env[OVERRIDES_ENV] = json.dumps(overrides)
+    return env
+
+
+def serve_command(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Service config (YAML or TOML); see service/config.py.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Keep loopback unless a TLS proxy fronts the service.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Job store and key file directory (overrides the config's data_dir).")] = None,
+    add_key: Annotated[Optional[str], typer.Option("--add-key", help="Create API key NAME, print it once, and exit (same as `dco-prover keys add NAME`).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the proof API until interrupted."""
+    if config is not None and not config.is_file():
+        typer.echo(f"error: config file {config} does not exist", err=True)
+        raise typer.Exit(code=2)
+    env = service_env(config, data_dir)
     if add_key is not None:
         code = subprocess.call([sys.executable, "-m", "service.manage", "add-key", add_key], env=env)
         raise typer.Exit(code=code)

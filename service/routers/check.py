@@ -17,6 +17,7 @@ from service.state import ServiceState
 from service.workers import CheckTask, WorkerDied
 
 router = APIRouter(prefix="/v1", tags=["check"])
+CHECKS_RETRY_S = 2.0  # Retry-After (seconds) when a key has its maximum of checks in flight
 
 
 @router.post(
@@ -24,8 +25,11 @@ router = APIRouter(prefix="/v1", tags=["check"])
     response_model=CheckResponse,
     responses={
         **BODY_ERRORS,
-        401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody},
-        503: {"model": ErrorBody, "description": "no backend, or too many checks waiting"},
+        401: {"model": ErrorBody, "description": "missing or invalid API key"},
+        403: {"model": ErrorBody, "description": "API key disabled, revoked or without the `check` scope"},
+        429: {"model": ErrorBody, "description": "rate limit, or this key's maximum of checks in flight (see Retry-After)"},
+        503: {"model": ErrorBody, "description": "no backend, or too many checks waiting (see Retry-After)"},
+        500: {"model": ErrorBody, "description": "the backend failed while verifying (the message says how)"},
         504: {"model": ErrorBody, "description": "the verification did not finish in time"},
     },
 )
@@ -34,9 +38,22 @@ async def check(body: CheckRequest, principal: Principal = Depends(caller), stat
     started = time.monotonic()
     require_scope(principal, "check")
     request = await run_in_threadpool(normalise_check_request, body, state.config, state.plan, state.catalog)
+    if state.pool is None:
+        await run_in_threadpool(state.refresh_backend)  # a backend installed since startup (setup-lean)
     pool = state.pool
     if pool is None:
         raise ApiError(503, "backend_unavailable", f"no proof backend can run: {state.plan.reason}")
+    if not state.checks.try_acquire(principal.key_id, principal.max_concurrent_checks):
+        state.metrics.rejected.labels("too_many_checks").inc()
+        raise ApiError(429, "too_many_checks", f"API key {principal.key_id!r} already has {principal.max_concurrent_checks} checks in flight (its limit)",
+                       retry_after_s=CHECKS_RETRY_S)
+    try:
+        return await _run_check(state, pool, request, started)
+    finally:
+        state.checks.release(principal.key_id)
+
+
+async def _run_check(state: ServiceState, pool, request: dict, started: float) -> CheckResponse:
     limits = state.config.limits
     if pool.pending_checks >= limits.max_queue:
         raise ApiError(503, "queue_full", f"{pool.pending_checks} checks are waiting for a worker", retry_after_s=5)
@@ -44,6 +61,9 @@ async def check(body: CheckRequest, principal: Principal = Depends(caller), stat
     future = pool.submit_check(task)
     try:
         ok, message = await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.check_timeout_s * 2)
+    except asyncio.CancelledError:
+        future.cancel()  # the client left: a check still waiting for a worker never starts
+        raise
     except (TimeoutError, asyncio.TimeoutError) as err:
         future.cancel()  # still waiting for a worker: it never starts
         raise ApiError(504, "check_timeout", f"the verification did not finish within {limits.check_timeout_s:g} s") from err
