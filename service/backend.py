@@ -112,7 +112,7 @@ class TheoremCatalog:
         where = f"LeanDojo {'sample' if data is None else Path(data).name}"
         if backend_kind == "replay":
             theorems = {name: Theorem(id=name) for name in replay.startable_ids}
-            unopenable = {name: "it has no traced tactics, so the replay backend has no root goal for it" for name in replay.without_tactics}
+            unopenable = {name: verdict.message for name, verdict in replay.not_replayable.items()}
             return cls(theorems, where, unopenable)
         from prover.theorems import load_leandojo
 

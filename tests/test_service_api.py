@@ -297,6 +297,8 @@ def test_benign_statement_passes_the_checks_but_replay_cannot_elaborate_it(alice
         ({"statement": "theorem t : True", "theorem_id": SAMPLE_CONNECTED}, "theorem_required", "exactly one"),
         ({"theorem_id": "Nat.no_such_theorem"}, "unknown_theorem", "unknown theorem"),
         ({"theorem_id": "invFunIdAssoc_hom_app"}, "unknown_theorem", SAMPLE_CONNECTED),
+        # A term-mode proof whose traced tactics prove a side goal: refused with the replay's reason, never searched.
+        ({"theorem_id": "MeasureTheory.OuterMeasure.comap_ofFunction"}, "unknown_theorem", "not replayable [root_not_statement]"),
         ({"theorem_id": SAMPLE_CONNECTED, "budget": {"time_limit_s": 500}}, "budget_over_cap", "time_limit_s"),
         ({"theorem_id": SAMPLE_CONNECTED, "budget": {"max_depth": 0}}, "invalid_request", "max_depth"),
         ({"theorem_id": SAMPLE_CONNECTED, "members": ["nobody"]}, "unknown_member", "nobody"),
