@@ -281,6 +281,17 @@ def test_hostile_inputs_are_422_naming_the_problem(alice):
             error = error_of(response)
             assert error["code"] in codes, (kind, text, error)
             assert "rejected" in error["message"] or "characters" in error["message"], error
+    # The batch route screens each item as POST /v1/proofs does: every hostile statement is an item error.
+    statements = [text for kind, text in corpus if kind == "statement"]
+    for start in range(0, len(statements), 50):
+        chunk = statements[start : start + 50]
+        response = alice.post("/v1/proofs:batch", json={"items": [{"statement": text} for text in chunk]})
+        assert response.status_code == 200, response.text
+        items = response.json()["items"]
+        assert len(items) == len(chunk)
+        for text, item in zip(chunk, items):
+            assert "id" not in item or item["id"] is None, (text, item)
+            assert item["error"]["code"] in {"untrusted_statement", "statement_too_long"}, (text, item)
 
 
 def test_benign_statement_passes_the_checks_but_replay_cannot_elaborate_it(alice):
