@@ -18,7 +18,7 @@ from search.result import SearchResult
 from search.types import ProofEnvironment, TacticGenerator, Theorem
 
 Strategy = Literal["best_first", "sampling"]
-EnsembleMode = Literal["union", "mixture"]
+EnsembleMode = Literal["independent", "union", "shared", "mixture"]  # union: independent's former name
 EnvKind = Literal["replay", "repl", "dojo"]
 GeneratorKind = Literal["fixed", "oracle", "model"]
 

@@ -119,3 +119,26 @@ def test_stream_seed_depends_on_its_parts_only() -> None:
     assert stream_seed(0, "thm", "m") == stream_seed(0, "thm", "m")
     assert len({stream_seed(0, "thm", "m"), stream_seed(1, "thm", "m"), stream_seed(0, "thm2", "m"), stream_seed(0, "thm", "m2")}) == 4
     assert 0 <= stream_seed(0, "x") < 2**63
+
+
+def test_shared_ensemble_splits_one_budget_and_independent_is_union() -> None:
+    from search.api import search
+
+    gens = {name: ScriptedGenerator({"root": [("bad", -0.1)]}, name=name) for name in ("a", "b", "c")}
+    r = search(THEOREM, GraphEnv({"root": {}}), gens, strategy="sampling", budget=Budget(max_passes=10, time_limit_s=30.0), ensemble="shared")
+    assert r.passes == 10 and [m.passes for m in r.members.values()] == [4, 3, 3]
+    assert [m for m in r.members] == ["a", "b", "c"]
+    r = search(THEOREM, GraphEnv({"root": {}}), gens, strategy="sampling", budget=Budget(max_passes=2), ensemble="shared")
+    assert r.passes == 2 and list(r.members) == ["a", "b"]  # c got no pass: it does not search
+    for mode in ("independent", "union"):
+        r = search(THEOREM, GraphEnv({"root": {}}), gens, strategy="sampling", budget=Budget(max_passes=10), ensemble=mode)
+        assert r.passes == 30
+
+
+def test_budget_split_and_scale_are_exact() -> None:
+    b = Budget(max_passes=7, max_expansions=5, time_limit_s=90.0)
+    parts = b.split(3)
+    assert [p.max_passes for p in parts] == [3, 2, 2] and all(p.time_limit_s == 30.0 for p in parts)
+    assert [p is None for p in b.split(6, "max_expansions")] == [False] * 5 + [True]
+    big = b.scaled(5)
+    assert (big.max_passes, big.max_expansions, big.time_limit_s, big.max_depth) == (35, 25, 450.0, b.max_depth)
