@@ -223,7 +223,8 @@ def combine_union(
     """The ensemble record from the members' records.
 
     Status: PROVED with the winner's proof; else FAILED with the first rejected proof if a
-    member had one; else CANCELLED if the cancel event fired; else TIMEOUT if any member
+    member had one; else CANCELLED if the cancel event fired; else ERROR if any member
+    ended in an infrastructure error; else TIMEOUT if any member
     timed out, BUDGET_EXHAUSTED if any used its budget, FAILED if every member exhausted
     its search space.
     """
@@ -248,6 +249,8 @@ def combine_union(
             combined.verification_message = rejected.verification_message
         elif cancelled:
             combined.status = Status.CANCELLED
+        elif Status.ERROR in statuses:
+            combined.status = Status.ERROR  # an infrastructure error, never a failure
         elif Status.TIMEOUT in statuses:
             combined.status = Status.TIMEOUT
         elif Status.BUDGET_EXHAUSTED in statuses:
