@@ -216,3 +216,12 @@ def test_shared_mode_splits_the_budget_between_members(tmp_path, bench):
             by_theorem[r.theorem_id] = by_theorem.get(r.theorem_id, 0) + r.result["passes"]
     assert max(by_theorem.values()) <= 12
     assert outcome.summary["ensemble_mode"] == "shared"
+
+
+def test_ray_with_two_actors_gives_the_local_records(tmp_path, bench):
+    pytest.importorskip("ray", reason="needs Ray: pip install -e '.[dist]'")
+    config = _config(bench, limit=8)
+    run_eval(config, tmp_path / "local")
+    ray_config = _config(bench, limit=8, distribution=Distribution(workers=2, use_ray=True, max_retries=0, object_store_mb=96))
+    run_eval(ray_config, tmp_path / "ray")
+    assert _comparable(tmp_path / "local") == _comparable(tmp_path / "ray")
