@@ -225,3 +225,38 @@ def test_ray_with_two_actors_gives_the_local_records(tmp_path, bench):
     ray_config = _config(bench, limit=8, distribution=Distribution(workers=2, use_ray=True, max_retries=0, object_store_mb=96))
     run_eval(ray_config, tmp_path / "ray")
     assert _comparable(tmp_path / "local") == _comparable(tmp_path / "ray")
+
+
+class CrashingEnv:
+    """A replay environment whose Lean process dies on every tactic (past its restarts)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start(self, theorem):
+        return self.inner.start(theorem)
+
+    def apply(self, state, tactic, timeout_s=None):
+        raise BrokenPipeError("lean process exited with signal 9 (restart limit reached)")
+
+    def verify(self, theorem, tactics):
+        return self.inner.verify(theorem, tactics)
+
+
+def test_an_environment_that_crashes_on_every_call_is_an_error_not_a_failure(tmp_path, bench, startable):
+    from prover.eval.worker import ProverWorker
+
+    config = _config(bench, limit=6)
+    env = CrashingEnv(ReplayEnvironment.from_benchmark(bench.path))
+    backend = LocalBackend(config, worker_factory=lambda c, g: ProverWorker(c, g, env=env))
+    outcome = run_eval(config, tmp_path / "run", backend=backend)
+    records = [r for r in RunDirectory(tmp_path / "run").records() if r.member == ENSEMBLE]
+    searched = [r for r in records if r.theorem_id in startable]
+    assert searched and all(r.status == "error" and "crashed on every one" in r.error for r in searched)
+    assert outcome.summary["errors"] == 6 and outcome.summary["proved"] == 0

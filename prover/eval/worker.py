@@ -23,6 +23,8 @@ worker ran which theorem in which order. In `independent` and `shared` modes eac
 has its own fresh cache: no member sees another's Lean results for free.
 
 A search during which a generator call raised is not a result (see `GeneratorFailure`).
+A search whose every Lean call crashed (the environment kept dying past its own restarts)
+did not search either: its status becomes `error` with the cause (`crashed_throughout`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ from search.budget import Budget
 from search.result import SearchResult
 from search.sampling import stream_seed
 from search.types import ProofEnvironment, TacticGenerator, Theorem
+
+
+CRASH_KINDS = ("env_crash", "env_exception")
+
+
+def crashed_throughout(result: SearchResult) -> SearchResult:
+    """`result`, or (unproved, and every Lean call that reached the environment crashed) the
+    same record with status ERROR and the cause first in `errors`: a broken environment
+    is an infrastructure error, not a failed search."""
+    from search.result import Status
+
+    crashes = sum(result.error_counts.get(kind, 0) for kind in CRASH_KINDS)
+    if result.proved or result.status is Status.ERROR or crashes == 0 or crashes < result.cache_misses:
+        return result
+    first = next((e for e in result.errors if e.split(":", 1)[0] in CRASH_KINDS), "")
+    result.status = Status.ERROR
+    result.errors.insert(0, f"environment crashed on every one of its {crashes} Lean call(s): {first}")
+    return result
 
 
 def forked(generator: TacticGenerator, seed: int) -> TacticGenerator:
@@ -123,7 +143,7 @@ class ProverWorker:
 
         seed = stream_seed(self.config.generator_options.seed, theorem.id, row)
         settings = replace(self.settings, budget=budget, seed=seed)
-        return prove(theorem, CachingEnvironment(env), forked(generator, seed), settings, cancel=cancel)
+        return crashed_throughout(prove(theorem, CachingEnvironment(env), forked(generator, seed), settings, cancel=cancel))
 
     def prove(self, task: TheoremTask, cancel: threading.Event | None = None) -> list[EvalRecord]:
         """The theorem's complete record group. Search-time failures are in the records;
@@ -148,7 +168,7 @@ class ProverWorker:
             started = time.monotonic()
             seed = stream_seed(config.generator_options.seed, theorem.id)
             gens = {name: forked(g, stream_seed(seed, name)) for name, g in self.generators.items()}
-            ensemble = prove(theorem, CachingEnvironment(env), gens, replace(self.settings, seed=seed), cancel=cancel)
+            ensemble = crashed_throughout(prove(theorem, CachingEnvironment(env), gens, replace(self.settings, seed=seed), cancel=cancel))
             ensemble.wall_time_s = ensemble.wall_time_s or (time.monotonic() - started)
             members = dict(ensemble.members) if config.ensemble == "union" else {}
         lines = dict(members)
