@@ -93,6 +93,7 @@ class ProveSettings:
     samples_per_step: int = 1
     parallel_passes: int = 1
     seed: int | None = 0
+    all_passes: bool = False  # sampling: run every pass after a proof, counting successful passes (pass@n)
 
     def __post_init__(self) -> None:
         _choice(self.strategy, Strategy, "strategy")
@@ -237,4 +238,5 @@ def prove(
         seed=settings.seed,
         progress=progress,
         cancel=cancel,
+        all_passes=settings.all_passes,
     )

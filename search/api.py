@@ -46,6 +46,7 @@ def search(
     seed: int | None = 0,
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
     """Search for a proof of `theorem`.
 
@@ -56,7 +57,8 @@ def search(
     - `strategy`: `best_first` (budget: `max_expansions` × `tactics_per_expansion`,
       priority normalised by `depth**length_alpha`) or `sampling` (pass@`max_passes`,
       `samples_per_step` tactics asked per step, `parallel_passes` walked in lockstep,
-      `seed` for the draw among several samples).
+      `seed` for the draw among several samples; `all_passes`: run every pass even after
+      a proof and count the successful ones, for pass@n estimates).
     - `budget`: depth cap, wall-clock limit (seconds), tactic timeout (seconds).
 
     Bad arguments (an unknown strategy, no generators, a wrong type) raise `ValueError` /
@@ -92,6 +94,7 @@ def search(
             seed=seed,
             progress=progress,
             cancel=cancel,
+            all_passes=all_passes,
         )
     if not callable(getattr(generators, "propose", None)):
         raise TypeError(f"generators must be a TacticGenerator or a mapping of them, got {type(generators).__name__}")
@@ -117,4 +120,5 @@ def search(
         seed=seed,
         progress=progress,
         cancel=cancel,
+        all_passes=all_passes,
     )

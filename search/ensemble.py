@@ -76,12 +76,14 @@ def make_engine(
     samples_per_step: int = 1,
     parallel_passes: int = 1,
     seed: int | None = 0,
+    all_passes: bool = False,
 ) -> SearchEngine:
     if strategy == "best_first":
         return BestFirstSearch(ctx, root, proposer, length_alpha=length_alpha)
     if strategy == "sampling":
         return SamplingSearch(
-            ctx, root, proposer, samples_per_step=samples_per_step, parallel_passes=parallel_passes, seed=seed
+            ctx, root, proposer, samples_per_step=samples_per_step, parallel_passes=parallel_passes, seed=seed,
+            all_passes=all_passes,
         )
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
@@ -132,6 +134,7 @@ def union(
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
     budgets: Mapping[str, Budget | None] | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
     """Every member searches with its own budget; the first verified proof stops them all.
 
@@ -170,6 +173,7 @@ def union(
             samples_per_step=samples_per_step,
             parallel_passes=parallel_passes,
             seed=None if seed is None else stream_seed(seed, theorem.id, name),
+            all_passes=all_passes,
         )
 
     winner: str | None = None
@@ -282,6 +286,7 @@ def mixture(
     seed: int | None = 0,
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
     """One search whose candidates come from every member, merged by score."""
     _check_args(generators, strategy, length_alpha, samples_per_step, parallel_passes)
@@ -308,5 +313,6 @@ def mixture(
         samples_per_step=samples_per_step,
         parallel_passes=parallel_passes,
         seed=seed,
+        all_passes=all_passes,
     )
     return engine.run()

@@ -51,6 +51,7 @@ class SearchResult:
     # verified proof (pass@n of this run is `first_success_pass <= n`; None: no proof).
     distinct_trajectories: int | None = None
     first_success_pass: int | None = None
+    successful_passes: int | None = None  # sampling with all_passes: passes that found a verified proof
     members: dict[str, "SearchResult"] = field(default_factory=dict)  # ensemble: per member
 
     @property

@@ -27,7 +27,9 @@ The first verified proof ends the search once every pass numbered below it has e
 (passes in lockstep may finish out of order), so `first_success_pass` is the lowest index
 of a pass that found a verified proof: pass@n of this run is `first_success_pass <= n`,
 an unbiased estimate of pass@n for every n up to `passes` (the first n passes of N
-independent passes are n independent passes). A proof verification rejects ends its pass
+independent passes are n independent passes). With `all_passes` the search runs all
+`max_passes` passes even after a proof and records `successful_passes` c, for the
+lower-variance unbiased estimate `1 - C(N-c, n) / C(N, n)`. A proof verification rejects ends its pass
 and the search goes on (see `search.engine` for the final status rules).
 """
 
@@ -109,8 +111,12 @@ class SamplingSearch(SearchEngine):
         samples_per_step: int = 1,
         parallel_passes: int = 1,
         seed: int | None = 0,
+        all_passes: bool = False,
     ) -> None:
         super().__init__(ctx, proposer)
+        self.all_passes = all_passes
+        self.successes = 0  # passes that ended with a verified proof (all_passes mode)
+        self._verified: dict[tuple[str, ...], bool] = {}  # verification verdicts by proof (all_passes mode)
         check_sampling_args(samples_per_step, parallel_passes)
         self.root = root
         self.samples_per_step = samples_per_step
@@ -143,9 +149,9 @@ class SamplingSearch(SearchEngine):
     def _advance(self) -> Status | None:
         active = self._active
         if not active and self.passes >= self.max_passes:
-            return Status.BUDGET_EXHAUSTED
+            return Status.PROVED if self._best is not None else Status.BUDGET_EXHAUSTED
         self.ctx.check()  # no pass is started once the search is out of time or cancelled
-        while self._best is None and len(active) < self.parallel_passes and self.passes < self.max_passes:
+        while (self._best is None or self.all_passes) and len(active) < self.parallel_passes and self.passes < self.max_passes:
             self.passes += 1
             active.append(_Pass(self.root, self.passes))
         ctx = self.ctx
@@ -180,11 +186,13 @@ class SamplingSearch(SearchEngine):
                 tactics = walk.tactics + [tactic]
                 if len(tactics) > ctx.max_depth_reached:
                     ctx.max_depth_reached = len(tactics)
-                if (self._best is None or walk.index < self._best) and self.found(tactics, walk.members + [member]):
+                if self.all_passes:
+                    self._count_success(walk, tactics, walk.members + [member])
+                elif (self._best is None or walk.index < self._best) and self.found(tactics, walk.members + [member]):
                     self._best = walk.index
                 # a rejected proof ends its pass only
             # else a failed tactic ends the pass
-        if self._best is not None:
+        if self._best is not None and not self.all_passes:
             # Passes numbered above the first success no longer matter; lower ones may still
             # succeed (pass@n needs the lowest index), so they are walked to their end.
             still = [walk for walk in still if walk.index < self._best]
@@ -197,10 +205,30 @@ class SamplingSearch(SearchEngine):
             self.report_progress()
         return None
 
+    def _count_success(self, walk: _Pass, tactics: list[str], members: list[str]) -> None:
+        """all_passes: count a pass whose proof verifies (a proof verified once is not
+        re-checked); the lowest-numbered one supplies the reported proof."""
+        key = tuple(tactics)
+        ok = self._verified.get(key)
+        if ok is None:
+            best, proof = self._best, (self.proof, self.proof_members, self.verification_message)
+            ok = self._verified[key] = self.found(tactics, members)
+            if ok and best is not None and best < walk.index:
+                self.proof, self.proof_members, self.verification_message = proof  # keep the lower pass's proof
+        if not ok:
+            return
+        self.successes += 1
+        if self._best is None or walk.index < self._best:
+            if self.proof != tactics:
+                self.proof, self.proof_members = tactics, members
+            self._best = walk.index
+
     def result(self) -> SearchResult:
         result = super().result()
         result.distinct_trajectories = len(self._trajectories)
         result.first_success_pass = self._best if result.status is Status.PROVED else None
+        if self.all_passes:
+            result.successful_passes = self.successes
         return result
 
     def _progress_payload(self) -> dict:
@@ -228,8 +256,10 @@ def sampling_search(
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
     member: str | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
-    """pass@`budget.max_passes` sampling of `theorem` with one generator.
+    """pass@`budget.max_passes` sampling of `theorem` with one generator (`all_passes`: go on
+    after the first proof and count the successful passes, `successful_passes`).
 
     Starts the environment itself (the caller owns its lifecycle); the wall-clock limit
     includes the start. A start failure gives status ERROR.
@@ -250,5 +280,6 @@ def sampling_search(
         samples_per_step=samples_per_step,
         parallel_passes=parallel_passes,
         seed=seed,
+        all_passes=all_passes,
     )
     return engine.run()

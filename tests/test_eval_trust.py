@@ -137,6 +137,11 @@ def test_eval_exits_2_when_nothing_can_start(tmp_path):
     assert result.exit_code == 2, result.output
     assert "nothing could start" in result.output and "repl" in result.output
     assert not (tmp_path / "r" / "results.jsonl").exists()
+    # Two benchmarks in one run, each in its own environment: LeanDojo data in replay, miniF2F
+    # in the REPL; the REPL cannot start here, so the run is refused before anything starts.
+    both = runner.invoke(app, ["eval", "--benchmark", "leandojo", "--benchmark", "minif2f@test", "--generator", "fixed",
+                               "--run-dir", str(tmp_path / "b"), "--no-progress"])
+    assert both.exit_code == 2 and "miniF2F test" in both.output and "'repl'" in both.output
 
 
 def test_a_smaller_limit_on_resume_is_refused(tmp_path, bench):
@@ -260,3 +265,29 @@ def test_an_environment_that_crashes_on_every_call_is_an_error_not_a_failure(tmp
     searched = [r for r in records if r.theorem_id in startable]
     assert searched and all(r.status == "error" and "crashed on every one" in r.error for r in searched)
     assert outcome.summary["errors"] == 6 and outcome.summary["proved"] == 0
+
+
+def test_pass_at_from_count_is_the_binomial_estimator() -> None:
+    from math import comb
+
+    from prover.eval.summary import pass_at_from_count
+
+    for N, c in ((20, 3), (64, 1), (64, 60), (10, 0)):
+        for n in (1, 4, 10, 16, 20):
+            if n <= N:
+                expected = 1 - comb(N - c, n) / comb(N, n)
+                assert pass_at_from_count(N, c, n) == pytest.approx(expected)
+    assert pass_at_from_count(4096, 5, 4096) == 1.0 and pass_at_from_count(10, 2, 16) == 1.0
+
+
+def test_all_passes_run_uses_the_success_counts(tmp_path, bench):
+    outcome = run_eval(_config(bench, limit=8, all_passes=True, budget=Budget(max_passes=16, time_limit_s=60)), tmp_path / "run")
+    records = [r for r in RunDirectory(tmp_path / "run").records() if r.member == "oracle"]
+    assert all(r.result["successful_passes"] is not None for r in records if r.status != "error")
+    proved = [r for r in records if r.proved]
+    assert proved and all(r.result["passes"] == 16 for r in proved)
+    from prover.eval.summary import pass_at_from_count
+
+    row = outcome.summary["benchmarks"][bench.name]["rows"]["oracle"]
+    expected = sum(pass_at_from_count(16, r.result["successful_passes"] or 0, 4) for r in records) / len(records)
+    assert row["pass_at"]["4"] == pytest.approx(expected)

@@ -142,3 +142,15 @@ def test_budget_split_and_scale_are_exact() -> None:
     assert [p is None for p in b.split(6, "max_expansions")] == [False] * 5 + [True]
     big = b.scaled(5)
     assert (big.max_passes, big.max_expansions, big.time_limit_s, big.max_depth) == (35, 25, 450.0, b.max_depth)
+
+
+def test_all_passes_counts_successful_passes_and_keeps_the_lowest_pass_proof() -> None:
+    dist = {"root": [("bad", 0.7), ("qed", 0.3)]}
+    env = GraphEnv({"root": {"qed": QED}})
+    r = sampling_search(THEOREM, env, SamplingGenerator(dist, seed=4), Budget(max_passes=400), all_passes=True)
+    assert r.proved and r.passes == 400 and r.proof == ["qed"]
+    assert 90 < r.successful_passes < 150  # ~ 0.3 × 400
+    assert r.first_success_pass <= 400 - r.successful_passes + 1
+    assert env.verify_calls == [["qed"]]  # a proof verified once is not re-checked
+    r = sampling_search(THEOREM, GraphEnv({"root": {}}), SamplingGenerator(dist, seed=4), Budget(max_passes=20), all_passes=True)
+    assert r.status is Status.BUDGET_EXHAUSTED and r.successful_passes == 0

@@ -61,6 +61,7 @@ def eval_command(
     length_alpha: Annotated[float, typer.Option(help="best_first: length normalisation exponent (0 = off).")] = 0.0,
     samples_per_step: Annotated[int, typer.Option(help="sampling: tactics asked per step.")] = 1,
     parallel_passes: Annotated[int, typer.Option(help="sampling: passes walked in lockstep.")] = 1,
+    all_passes: Annotated[bool, typer.Option("--all-passes/--stop-at-proof", help="sampling: run all passes even after a proof and count the successful ones (lower-variance pass@n; costs the full budget on proved theorems).")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per tactic at most.")] = 96,
     beam: Annotated[bool, typer.Option(help="Beam search instead of sampling.")] = False,
@@ -138,6 +139,7 @@ def eval_command(
             length_alpha=length_alpha,
             samples_per_step=samples_per_step,
             parallel_passes=parallel_passes,
+            all_passes=all_passes,
             generator_options=GeneratorOptions(
                 temperature=temperature,
                 max_new_tokens=max_new_tokens,

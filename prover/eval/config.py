@@ -330,6 +330,7 @@ class EvalConfig:
     generator_options: GeneratorOptions = field(default_factory=GeneratorOptions)
     distribution: Distribution = field(default_factory=Distribution)
     limit: int | None = None
+    all_passes: bool = False  # sampling: every pass even after a proof, counting successes (pass@n)
     baseline: str | None = None  # member searched again with `baseline_factor`× the budget
     baseline_factor: int | None = None  # None: the number of members (the paper's 5× CE row)
 
@@ -404,6 +405,7 @@ class EvalConfig:
             "limit": self.limit,
             "baseline": self.baseline,
             "baseline_factor": self.baseline_factor,
+            "all_passes": self.all_passes,
         }
 
     @classmethod
@@ -425,6 +427,7 @@ class EvalConfig:
             limit=data.get("limit"),
             baseline=data.get("baseline"),
             baseline_factor=data.get("baseline_factor"),
+            all_passes=bool(data.get("all_passes", False)),
         )
 
     def with_distribution(self, distribution: Distribution) -> "EvalConfig":
@@ -449,6 +452,7 @@ def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     out["members"] = [{"n_eff": None, **m} for m in out.get("members", [])]
     out.setdefault("baseline", None)
     out.setdefault("baseline_factor", None)
+    out.setdefault("all_passes", False)
     return out
 
 

@@ -17,7 +17,9 @@ first n passes of N independent passes are n independent passes, so each theorem
 indicator is an unbiased estimate of its pass@n and the mean is unbiased for the
 benchmark's. The ensemble's pass@n is the same with `min` over its members' indices
 (every member with n passes of its own). For records without the index, a proof counts
-at its `passes` (the number of passes started: an upper bound of the index).
+at its `passes` (the number of passes started: an upper bound of the index). A member
+record that counted its successful passes c among N (`--all-passes`) uses the
+lower-variance unbiased `1 - C(N-c, n)/C(N, n)` instead of the indicator.
 
 Pass-rate curves: for a member, the point `(x, y)` means a fraction `y` of the recorded
 theorems was proved using at most `x` passes (sampling) or expansions (best-first) of that
@@ -84,6 +86,30 @@ def pass_at(indices: Sequence[int | None], n: int) -> float:
     if not indices:
         return 0.0
     return sum(1 for i in indices if i is not None and i <= n) / len(indices)
+
+
+def pass_at_from_count(passes: int, successes: int, n: int) -> float:
+    """The unbiased pass@n of one theorem from `successes` c among `passes` N independent
+    passes: `1 - C(N-c, n) / C(N, n)`, as a product (no huge binomials). n > N: whether any
+    pass succeeded (the run cannot say more)."""
+    if successes <= 0:
+        return 0.0
+    if n > passes or passes - successes < n:
+        return 1.0
+    miss = 1.0
+    for i in range(passes - successes + 1, passes + 1):
+        miss *= 1.0 - n / i
+    return 1.0 - miss
+
+
+def _theorem_pass_at(record: EvalRecord, n: int) -> float:
+    """One record's pass@n estimate: from its success count when the run counted them
+    (all_passes), else the first-success indicator."""
+    count = record.result.get("successful_passes")
+    if count is not None and record.result.get("passes"):
+        return pass_at_from_count(int(record.result["passes"]), int(count), n)
+    index = first_success(record)
+    return 1.0 if index is not None and index <= n else 0.0
 
 
 def pass_at_points(limit: int) -> list[int]:
@@ -213,7 +239,9 @@ def _add_pass_at(
             for r, index in zip(recs, indices):
                 by_theorem[r.theorem_id].append(index)
         rows[member]["pass_at_limit"] = limit
-        rows[member]["pass_at"] = {str(n): pass_at(indices, n) for n in pass_at_points(limit)}
+        rows[member]["pass_at"] = {
+            str(n): (sum(_theorem_pass_at(r, n) for r in recs) / len(recs) if recs else 0.0) for n in pass_at_points(limit)
+        }
     if ENSEMBLE in rows:
         if member_limits:
             limit = passes.get(ENSEMBLE) or min(member_limits)

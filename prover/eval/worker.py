@@ -112,6 +112,7 @@ class ProverWorker:
             seed=config.generator_options.seed,
             env=config.env.kind,
             cache=True,
+            all_passes=config.all_passes,
         )
         self._fixed_env = env
         self._envs: dict[str, ProofEnvironment] = {}
