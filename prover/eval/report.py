@@ -132,8 +132,9 @@ def pass_at_markdown(summary: Mapping[str, Any], ensemble: str = "independent") 
         out.append("")
     if out:
         out.append(
-            "pass@n: mean over theorems of [first successful pass ≤ n] from one run of N passes per member (unbiased for n ≤ N); "
-            "the ensemble counts a theorem when any member's first success is within its own first n passes."
+            "pass@n: mean over theorems of [first successful pass ≤ n] from one run of N passes per member (unbiased for n ≤ N; "
+            "with --all-passes, 1 - C(N-c, n)/C(N, n) from the c successful passes); the ensemble counts a theorem when any "
+            "member's first success is within its own first n passes; — : n beyond that row's passes."
         )
     return "\n".join(out) + ("\n" if out else "")
 

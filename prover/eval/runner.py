@@ -189,7 +189,7 @@ def run_eval(
 
             def sink(group: list[EvalRecord]) -> None:
                 run.append_group(group)
-                bar.advance(group[-1].proved)
+                bar.advance(group[-1].status)
                 if on_group is not None:
                     on_group(group)
 
@@ -233,14 +233,17 @@ def rebuild_reports(
 
 
 def row_passes(config: EvalConfig) -> dict[str, int]:
-    """Passes per theorem each row was given (pass@n is reported up to it)."""
+    """Passes per theorem each row was given (pass@n is reported up to it): every member
+    its own budget (`shared`: its share), the ensemble what each member had (`shared`: the
+    smallest share), the baseline `factor`× the budget."""
     budget = config.budget.max_passes
     if config.ensemble == "shared":
         parts = config.budget.split(len(config.members), "max_passes")
-        passes = {m.name: (b.max_passes if b is not None else 0) for m, b in zip(config.members, parts)}
+        passes = {m.name: b.max_passes for m, b in zip(config.members, parts) if b is not None}
+        passes[ENSEMBLE] = min(passes.values())
     else:
         passes = {name: budget for name in config.member_names}
-    passes[ENSEMBLE] = budget if config.ensemble != "shared" else max(1, min(v for v in passes.values() if v) if passes else 1)
+        passes[ENSEMBLE] = budget
     if config.baseline_row is not None:
         passes[config.baseline_row] = budget * config.effective_baseline_factor
     return passes
@@ -255,6 +258,7 @@ class _Progress:
         self.enabled = enabled and total > 0
         self.proved = 0
         self.failed = 0
+        self.errors = 0
         self._progress = None
         self._task = None
 
@@ -267,7 +271,7 @@ class _Progress:
                 TextColumn("[bold]eval"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("[green]proved {task.fields[proved]}[/] [red]failed {task.fields[failed]}[/]"),
+                TextColumn("[green]proved {task.fields[proved]}[/] [red]failed {task.fields[failed]}[/] [yellow]errors {task.fields[errors]}[/]"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
@@ -276,16 +280,19 @@ class _Progress:
             self._progress.__enter__()
             if self.skipped:
                 self._progress.console.print(f"resuming: {self.skipped} theorem(s) already recorded, {self.total} to go")
-            self._task = self._progress.add_task("eval", total=self.total, proved=0, failed=0)
+            self._task = self._progress.add_task("eval", total=self.total, proved=0, failed=0, errors=0)
         return self
 
-    def advance(self, proved: bool) -> None:
-        if proved:
+    def advance(self, status: str) -> None:
+        """One theorem recorded with the ensemble line's `status`."""
+        if status == "proved":
             self.proved += 1
+        elif status == "error":
+            self.errors += 1
         else:
             self.failed += 1
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, proved=self.proved, failed=self.failed)
+            self._progress.update(self._task, advance=1, proved=self.proved, failed=self.failed, errors=self.errors)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
