@@ -55,8 +55,9 @@ def table_markdown(summary: Mapping[str, Any], *, budget: Mapping[str, Any], ens
     """Table 2's shape: rows are the members, the ensemble and the equal-compute baseline;
     per benchmark a pass-rate column (`pass rate (proved/theorems)`, every recorded theorem
     in the denominator) and an error column; then the compute each row spent over all
-    benchmarks (passes or expansions, generator calls, Lean calls, wall time). Table 4
-    (pass@n) follows for sampling runs."""
+    benchmarks (passes or expansions, generator calls, Lean calls, wall time; for sampling
+    also the distinct tactic sequences the passes tried). Table 4 (pass@n) follows for
+    sampling runs."""
     benches = summary["benchmarks"]
     metric = summary.get("usage_metric", "expansions")
     row_names = _row_names(summary, ensemble)
@@ -64,6 +65,8 @@ def table_markdown(summary: Mapping[str, Any], *, budget: Mapping[str, Any], ens
     for info in benches.values():
         header += [f"{info['label']} (n={info['recorded']})", "errors"]
     header += [metric, "generator calls", "Lean calls", "wall time (s)"]
+    if metric == "passes":
+        header.append("distinct trajectories")
     lines = [f"# {title}", "", describe_budget(summary["strategy"], budget, ensemble), ""]
     if summary.get("baseline"):
         lines += [f"`{summary['baseline']}`: the baseline member searched alone with the compute of the whole ensemble "
@@ -85,6 +88,8 @@ def table_markdown(summary: Mapping[str, Any], *, budget: Mapping[str, Any], ens
             f"{compute.get('lean_calls', 0):.0f}",
             f"{compute.get('wall_time_s', 0):.1f}",
         ]
+        if metric == "passes":
+            cells.append(str(sum(int(info["rows"].get(name, {}).get("distinct_trajectories_total", 0)) for info in benches.values())))
         lines.append("| " + " | ".join([_row_label(name, summary)] + cells) + " |")
     notes = []
     for bench, info in benches.items():
