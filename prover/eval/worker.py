@@ -2,7 +2,8 @@
 
 The same class runs in a thread (local backend) and inside a Ray prover actor. It holds
 one environment per environment kind its benchmarks use (a LeanDojo benchmark in replay
-or LeanDojo, miniF2F in the REPL), built on first use. Per theorem:
+or LeanDojo, miniF2F in the REPL), built and entered when the worker is made (a worker
+that cannot build them is broken). Per theorem:
 
 - `independent` (default, the paper's Table 2): each member searches the theorem alone,
   with its own full budget; the ensemble line is `combine_independent` of the members
@@ -90,7 +91,7 @@ class TheoremTask:
 
 
 class ProverWorker:
-    """Proves theorems with its own environments (entered on first use, exited by `close`).
+    """Proves theorems with its own environments (entered on construction, exited by `close`).
 
     `env`: a prebuilt environment used for every benchmark (tests)."""
 
