@@ -291,3 +291,13 @@ def test_all_passes_run_uses_the_success_counts(tmp_path, bench):
     row = outcome.summary["benchmarks"][bench.name]["rows"]["oracle"]
     expected = sum(pass_at_from_count(16, r.result["successful_passes"] or 0, 4) for r in records) / len(records)
     assert row["pass_at"]["4"] == pytest.approx(expected)
+
+
+def test_identity_treats_a_benchmark_without_env_as_the_runs_default(bench):
+    from dataclasses import replace
+
+    plain = _config(bench)
+    explicit = _config(bench, benchmarks=(replace(bench, env="replay"),))
+    assert identity(json.loads(json.dumps(plain.to_json()))) == identity(json.loads(json.dumps(explicit.to_json())))
+    other = _config(bench, benchmarks=(replace(bench, env="dojo"),))
+    assert identity(json.loads(json.dumps(plain.to_json()))) != identity(json.loads(json.dumps(other.to_json())))

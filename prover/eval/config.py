@@ -448,7 +448,8 @@ def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     for key in DISTRIBUTION_OPTIONS:
         options.pop(key, None)
     out["generator_options"] = options
-    out["benchmarks"] = [{"env": None, **b} for b in out.get("benchmarks", [])]
+    default_env = (out.get("env") or {}).get("kind")
+    out["benchmarks"] = [{**b, "env": b.get("env") or default_env} for b in out.get("benchmarks", [])]
     out["members"] = [{"n_eff": None, **m} for m in out.get("members", [])]
     out.setdefault("baseline", None)
     out.setdefault("baseline_factor", None)
