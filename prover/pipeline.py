@@ -10,8 +10,10 @@ resumes from its results file):
    ensemble manifest `models/ensemble.json`).
 3. `diagnose` — greedy-completion confidence of each checkpoint on the train and held-out
    tactics (`diagnostics/{train,heldout}/confidence.{json,png}`): the paper's Figure 1.
-4. `eval`   — every member and the ensemble searched on both theorem sets through the
-   replay environment (`eval/`: results.jsonl, summary.json, table.md, plots).
+4. `eval`   — every member, the ensemble and the equal-compute baseline (the N_eff = 1
+   member with M× the budget, M the number of members) searched on both theorem sets
+   through the replay environment, in one run (`eval/`: results.jsonl, summary.json,
+   table.md with Table 2 and, for sampling, Table 4's pass@n; plots).
 5. `report` — `report.md` and `report.json` bringing the four together.
 
 The embedded default uses the bundled LeanDojo sample, `tiny-qwen2` and the `tiny`
@@ -52,6 +54,7 @@ class PipelineSettings:
     budget: Budget = field(default_factory=lambda: Budget(max_passes=32, max_expansions=32, time_limit_s=120.0))
     parallel_passes: int = 8
     temperature: float = 1.0
+    baseline: bool = True  # the equal-compute row: the CE member with M× the budget
     workers: int = 1
     progress: bool = True
 
@@ -123,9 +126,12 @@ def evaluate_members(settings: PipelineSettings, manifest: Path, splits: dict[st
     from prover.eval.config import Distribution, EnvSpec, EvalConfig, GeneratorOptions, parse_members, resolve_benchmark
     from prover.eval.runner import run_eval
 
+    members = tuple(parse_members(None, str(manifest), None))
+    ce = [m.name for m in members if m.n_eff == 1]
     config = EvalConfig(
         benchmarks=tuple(resolve_benchmark(str(path)) for path in splits.values()),
-        members=tuple(parse_members(None, str(manifest), None)),
+        members=members,
+        baseline=ce[0] if settings.baseline and ce and len(members) > 1 else None,
         env=EnvSpec("replay", tuple(str(path) for path in splits.values())),
         strategy=settings.strategy,
         budget=settings.budget,
@@ -168,7 +174,10 @@ def write_report(settings: PipelineSettings, manifest: Path, confidence: dict[st
             f"{m.metrics.get('discarded_total', 0)} | {fmt(confidence.get('train', {}).get(m.name))} | "
             f"{fmt(confidence.get('heldout', {}).get(m.name))} |"
         )
+    plots = sorted((settings.output_dir / "eval" / "plots").glob("*.png"))
     lines += ["", "## Search (Table 2 shape)", "", table.strip(), ""]
+    if plots:
+        lines += ["Plots: " + ", ".join(f"`{p.relative_to(settings.output_dir)}`" for p in plots), ""]
     report_md = settings.output_dir / "report.md"
     report_md.write_text("\n".join(lines) + "\n")
     record = {

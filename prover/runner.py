@@ -18,7 +18,7 @@ from search.result import SearchResult
 from search.types import ProofEnvironment, TacticGenerator, Theorem
 
 Strategy = Literal["best_first", "sampling"]
-EnsembleMode = Literal["union", "mixture"]
+EnsembleMode = Literal["independent", "union", "shared", "mixture"]  # union: independent's former name
 EnvKind = Literal["replay", "repl", "dojo"]
 GeneratorKind = Literal["fixed", "oracle", "model", "openai"]
 
@@ -106,6 +106,7 @@ class ProveSettings:
     samples_per_step: int = 1
     parallel_passes: int = 1
     seed: int | None = 0
+    all_passes: bool = False  # sampling: run every pass after a proof, counting successful passes (pass@n)
 
     def __post_init__(self) -> None:
         _choice(self.strategy, Strategy, "strategy")
@@ -269,4 +270,5 @@ def prove(
         seed=settings.seed,
         progress=progress,
         cancel=cancel,
+        all_passes=settings.all_passes,
     )

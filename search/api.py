@@ -22,13 +22,13 @@ from typing import Callable, Literal, Mapping
 
 from search.best_first import best_first_search, check_length_alpha
 from search.budget import Budget
-from search.ensemble import STRATEGIES, mixture, union
+from search.ensemble import STRATEGIES, mixture, shared, union
 from search.result import SearchResult
 from search.sampling import check_sampling_args, sampling_search
 from search.tactic_filter import TacticFilter
 from search.types import ProofEnvironment, TacticGenerator, Theorem
 
-ENSEMBLES: tuple[str, ...] = ("union", "mixture")
+ENSEMBLES: tuple[str, ...] = ("independent", "union", "shared", "mixture")  # union: independent's former name
 
 
 def search(
@@ -38,7 +38,7 @@ def search(
     *,
     strategy: Literal["best_first", "sampling"],
     budget: Budget,
-    ensemble: Literal["union", "mixture"] = "union",
+    ensemble: Literal["independent", "union", "shared", "mixture"] = "independent",
     tactic_filter: TacticFilter | None = None,
     length_alpha: float = 0.0,
     samples_per_step: int = 1,
@@ -46,16 +46,19 @@ def search(
     seed: int | None = 0,
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
     """Search for a proof of `theorem`.
 
     - `generators`: one generator (its `name` labels the result), or a mapping of member
-      name to generator combined by `ensemble` (see `search.ensemble`; a mapping of one
-      member runs the union machinery and fills `members` too).
+      name to generator combined by `ensemble` (see `search.ensemble`: `independent`, alias
+      `union`, each member with the full budget; `shared`, the members splitting it;
+      `mixture`; a mapping of one member runs the union machinery and fills `members` too).
     - `strategy`: `best_first` (budget: `max_expansions` × `tactics_per_expansion`,
       priority normalised by `depth**length_alpha`) or `sampling` (pass@`max_passes`,
       `samples_per_step` tactics asked per step, `parallel_passes` walked in lockstep,
-      `seed` for the draw among several samples).
+      `seed` for the draw among several samples; `all_passes`: run every pass even after
+      a proof and count the successful ones, for pass@n estimates).
     - `budget`: depth cap, wall-clock limit (seconds), tactic timeout (seconds).
 
     Bad arguments (an unknown strategy, no generators, a wrong type) raise `ValueError` /
@@ -77,7 +80,7 @@ def search(
         raise TypeError("cancel must be a threading.Event (or have an is_set method)")
 
     if isinstance(generators, Mapping):
-        combine = union if ensemble == "union" else mixture
+        combine = {"independent": union, "union": union, "shared": shared, "mixture": mixture}[ensemble]
         return combine(
             theorem,
             env,
@@ -91,6 +94,7 @@ def search(
             seed=seed,
             progress=progress,
             cancel=cancel,
+            all_passes=all_passes,
         )
     if not callable(getattr(generators, "propose", None)):
         raise TypeError(f"generators must be a TacticGenerator or a mapping of them, got {type(generators).__name__}")
@@ -116,4 +120,5 @@ def search(
         seed=seed,
         progress=progress,
         cancel=cancel,
+        all_passes=all_passes,
     )

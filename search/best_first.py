@@ -3,21 +3,26 @@
 The search graph
 - A `Node` is one proof state; states with equal `pp` are one node (the table maps `pp` to
   its node), so a state reached again is never re-added and cycles cannot loop.
-- Each node keeps a *discovery path* (`parent`, `tactic`): the path its priority and depth
-  come from, and the path its proof is read back along. Invariant: discovery parents form
-  a tree rooted at the root (a node is only re-parented while it has no children, so no
-  cycle can appear), and `depth == len(discovery path)`.
+- Each node keeps a *discovery path* (`parent`, `tactic`): the path its depth, priority
+  and proof come from. Invariants: discovery parents form a tree rooted at the root,
+  `depth == len(discovery path)`, and `depth` is the length of the shortest path to the
+  node among the edges discovered so far (a state first reached deep and later reached
+  shallower takes the smaller depth, and so does its whole subtree: see `_shorten`).
 - `parents` (`first_parent` + `more_parents`) lists every distinct node with an edge into
-  this one (for failure propagation); each (parent, child) pair appears once.
+  this one (for failure propagation); each (parent, child) pair appears once. `children`
+  lists the live edges out of an expanded node (for depth propagation).
 
 Priority
 - `score` = sum of the tactic log-probabilities along the discovery path (<= 0).
 - `priority` = `score / depth**alpha` (BFS-Prover's length normalisation; alpha = 0 is the
   plain cumulative log-prob, ReProver's). The open node of highest priority is expanded
   next; equal priorities expand first-discovered first.
-- When an unexpanded node is reached again by a better path — one that makes it
-  expandable (depth below the cap) where it was not, or else one with a higher priority —
-  it is re-parented onto that path (a fresh heap entry; the old entry goes stale).
+- A node reached again by a strictly shorter path is re-parented onto it, expanded or
+  not, and the new depth is propagated to its descendants (their scores and priorities
+  follow their new paths; unexpanded ones get fresh heap entries, and nodes that were at
+  the depth cap become expandable). Otherwise an unexpanded node reached again at the
+  same depth with a higher priority is re-parented onto that path. Re-parenting only onto
+  a strictly shallower parent (or a childless node) keeps the discovery tree acyclic.
 
 Expansion
 - Pops the best open node (stale heap entries are skipped), asks the generator for
@@ -79,6 +84,7 @@ class Node:
         "live_children",
         "expanded",
         "failed",
+        "children",
     )
 
     def __init__(
@@ -105,6 +111,8 @@ class Node:
         self.live_children = 0  # distinct children not (yet) failed; meaningful once expanded
         self.expanded = False
         self.failed = False
+        # Live edges out of this node: (child, tactic, logprob, member); None until expanded.
+        self.children: list[tuple[Node, str, float, str | None]] | None = None
 
     @property
     def parents(self) -> list["Node"]:
@@ -191,6 +199,7 @@ class BestFirstSearch(SearchEngine):
         alpha = self.alpha
         apply = ctx.apply
         seen: set[str] = set()  # pp of the distinct children of this node
+        children: list[tuple[Node, str, float, str | None]] = []
         live = 0
         for tactic, logprob, member in proposals:
             result = apply(node.state, tactic)
@@ -217,12 +226,15 @@ class BestFirstSearch(SearchEngine):
                 else:
                     if child.failed:
                         continue  # a failed child: a failed edge
-                    if not child.expanded:
+                    if child_depth < child.depth:
+                        self._shorten(child, node, tactic, logprob, member)
+                    elif not child.expanded:
                         self._maybe_reparent(child, node, tactic, member, score, child_depth)
                     if child.more_parents is None:
                         child.more_parents = [node]
                     else:
                         child.more_parents.append(node)
+                children.append((child, tactic, logprob, member))
                 live += 1
             elif kind is Proved or isinstance(result, Proved):
                 tactics, members = node.path()
@@ -236,6 +248,7 @@ class BestFirstSearch(SearchEngine):
                 # rejected by verification: a failed edge, the search goes on
             # else Failed: a failed edge
         node.expanded = True
+        node.children = children
         node.live_children = live
         if live == 0:
             self._fail(node)
@@ -243,18 +256,41 @@ class BestFirstSearch(SearchEngine):
         return None
 
     def _maybe_reparent(self, child: Node, parent: Node, tactic: str, member: str, score: float, depth: int) -> None:
-        """Move an unexpanded `child` onto the path through `parent` if that path is better."""
-        max_depth = self.max_depth
+        """Move an unexpanded `child` onto the path through `parent` (same depth) if that
+        path has a higher priority."""
         priority = self._priority(score, depth)
-        new_key = (depth < max_depth, priority)
-        old_key = (child.depth < max_depth, child.priority)
-        if new_key <= old_key:
+        if priority <= child.priority:
             return
         child.parent, child.tactic, child.member = parent, tactic, member
         child.depth, child.score, child.priority = depth, score, priority
-        if depth < max_depth:
+        if depth < self.max_depth:
             heapq.heappush(self._heap, (-priority, len(self._pushed)))
             self._pushed.append(child)
+
+    def _shorten(self, child: Node, parent: Node, tactic: str, logprob: float, member: str | None) -> None:
+        """`child` was reached through `parent` by a path shorter than its discovery path:
+        re-parent it and relax every edge below it (breadth-first) so that each descendant
+        whose shortest known path now runs through it takes the smaller depth.
+
+        Acyclic: along discovery edges `depth(n) >= depth(parent(n)) + 1` holds throughout
+        (parents shrink first, children catch up), so a node's descendants are deeper than
+        it and never qualify as a strictly shallower parent."""
+        max_depth = self.max_depth
+        work = [(child, parent, tactic, logprob, member)]
+        while work:
+            node, via, edge_tactic, edge_logprob, edge_member = work.pop()
+            depth = via.depth + 1
+            if depth >= node.depth:
+                continue  # already as short (relaxed through another edge meanwhile)
+            score = via.score + edge_logprob
+            node.parent, node.tactic, node.member = via, edge_tactic, edge_member
+            node.depth, node.score, node.priority = depth, score, self._priority(score, depth)
+            if not node.expanded and not node.failed and depth < max_depth:
+                heapq.heappush(self._heap, (-node.priority, len(self._pushed)))
+                self._pushed.append(node)
+            for grandchild, t, lp, m in node.children or ():
+                if depth + 1 < grandchild.depth:
+                    work.append((grandchild, node, t, lp, m))
 
     def _fail(self, node: Node) -> None:
         """Mark `node` failed and propagate to every parent whose children have all failed."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -38,6 +38,45 @@ class Budget:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def split(self, parts: int, counter: str = "max_passes") -> list["Budget | None"]:
+        """This budget shared by `parts` searches (the `shared` ensemble): passes and
+        expansions divided as evenly as possible (the first ones get the remainder), the
+        wall clock divided equally; depth cap, k and tactic timeout unchanged. A part left
+        without any of `counter` (`max_passes` for sampling, `max_expansions` for
+        best-first) is None: that member does not search, so the total stays exact."""
+        if not isinstance(parts, int) or parts < 1:
+            raise ValueError(f"a budget is split into a positive number of parts, got {parts!r}")
+        if counter not in ("max_passes", "max_expansions"):
+            raise ValueError(f"counter must be max_passes or max_expansions, got {counter!r}")
+        out: list[Budget | None] = []
+        for index in range(parts):
+            passes = self.max_passes // parts + (1 if index < self.max_passes % parts else 0)
+            expansions = self.max_expansions // parts + (1 if index < self.max_expansions % parts else 0)
+            if (passes if counter == "max_passes" else expansions) < 1:
+                out.append(None)
+                continue
+            out.append(
+                replace(
+                    self,
+                    max_passes=max(passes, 1),
+                    max_expansions=max(expansions, 1),
+                    time_limit_s=self.time_limit_s / parts,
+                )
+            )
+        return out
+
+    def scaled(self, factor: int) -> "Budget":
+        """`factor` times the passes, expansions and wall clock (the equal-compute baseline:
+        one member with the compute of `factor` members)."""
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"a budget is scaled by a positive integer, got {factor!r}")
+        return replace(
+            self,
+            max_passes=self.max_passes * factor,
+            max_expansions=self.max_expansions * factor,
+            time_limit_s=self.time_limit_s * factor,
+        )
 
 
 class Deadline:

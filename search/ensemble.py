@@ -1,6 +1,6 @@
 """Ensembles of tactic generators (the `N_eff` checkpoints).
 
-`union` — the DCO paper's ensemble. Every member runs its own search of the theorem with
+`independent` (alias `union`, its former name) — the DCO paper's ensemble. Every member runs its own search of the theorem with
 its own full budget (expansions or passes, and `time_limit_s` measured on a clock that
 only runs while that member is working). Members are interleaved round-robin, one step
 (an expansion, or a round of passes) at a time, so an easy proof found by any member ends
@@ -8,7 +8,12 @@ the ensemble early; all members stop at the first *verified* proof (the others a
 recorded as CANCELLED). They share the environment, so a caching environment gives every
 member the Lean results of the others (cache hits). The result names the member that
 found the proof and holds every member's own record in `members`; its counters are the
-members' sums and its wall time is the ensemble's.
+members' sums and its wall time is the ensemble's. Each member samples from its own seeded
+stream, `stream_seed(seed, theorem id, member name)`.
+
+`shared` — the same machinery, but the members split ONE budget (`Budget.split`: passes or
+expansions, and the wall clock): an ensemble with the compute of a single search, for
+equal-compute comparisons.
 
 `mixture` — one search whose every expansion (best-first) or step (sampling) asks all
 members for candidates and merges them by score (see `search.proposer.MixtureProposer`).
@@ -29,7 +34,7 @@ from search.engine import SearchEngine
 from search.proposer import MixtureProposer, SingleProposer
 from search.result import SearchResult, Status
 from search.runtime import MAX_ERROR_MESSAGES, SearchContext, error_result, start_root
-from search.sampling import SamplingSearch, check_sampling_args
+from search.sampling import SamplingSearch, check_sampling_args, stream_seed
 from search.tactic_filter import TacticFilter
 from search.types import ProofEnvironment, ProofState, TacticGenerator, Theorem
 
@@ -71,12 +76,14 @@ def make_engine(
     samples_per_step: int = 1,
     parallel_passes: int = 1,
     seed: int | None = 0,
+    all_passes: bool = False,
 ) -> SearchEngine:
     if strategy == "best_first":
         return BestFirstSearch(ctx, root, proposer, length_alpha=length_alpha)
     if strategy == "sampling":
         return SamplingSearch(
-            ctx, root, proposer, samples_per_step=samples_per_step, parallel_passes=parallel_passes, seed=seed
+            ctx, root, proposer, samples_per_step=samples_per_step, parallel_passes=parallel_passes, seed=seed,
+            all_passes=all_passes,
         )
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 
@@ -126,8 +133,13 @@ def union(
     seed: int | None = 0,
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
+    budgets: Mapping[str, Budget | None] | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
-    """Every member searches with its own budget; the first verified proof stops them all."""
+    """Every member searches with its own budget; the first verified proof stops them all.
+
+    `budgets`: per member, a budget replacing `budget` (None: that member does not search).
+    """
     _check_args(generators, strategy, length_alpha, samples_per_step, parallel_passes)
     tactic_filter = tactic_filter or TacticFilter()
     wall = Deadline(float("inf"))
@@ -135,17 +147,19 @@ def union(
     if not isinstance(root, ProofState):
         return error_result(theorem, strategy, root, wall.elapsed())
 
-    names = list(generators)
+    names = [n for n in generators if budgets is None or budgets.get(n, budget) is not None]
     clocks: dict[str, ActiveClock] = {}
     engines: dict[str, SearchEngine] = {}
-    for index, name in enumerate(names):
+    for name in names:
+        member_budget = budget if budgets is None else budgets.get(name, budget)
+        assert member_budget is not None
         clock = ActiveClock()
         ctx = SearchContext(
             env,
             theorem,
-            budget,
+            member_budget,
             tactic_filter=tactic_filter,
-            deadline=Deadline(budget.time_limit_s, clock=clock),
+            deadline=Deadline(member_budget.time_limit_s, clock=clock),
             cancel=cancel,
             progress=_with_member(progress, name),
         )
@@ -158,7 +172,8 @@ def union(
             length_alpha=length_alpha,
             samples_per_step=samples_per_step,
             parallel_passes=parallel_passes,
-            seed=None if seed is None else seed + index,
+            seed=None if seed is None else stream_seed(seed, theorem.id, name),
+            all_passes=all_passes,
         )
 
     winner: str | None = None
@@ -184,6 +199,22 @@ def union(
     return combine_union(theorem, strategy, members, winner, wall.elapsed(), cancelled=cancel is not None and cancel.is_set())
 
 
+def shared(
+    theorem: Theorem,
+    env: ProofEnvironment,
+    generators: Mapping[str, TacticGenerator],
+    *,
+    strategy: Strategy,
+    budget: Budget,
+    **options,
+) -> SearchResult:
+    """The members split one budget (`Budget.split`), otherwise as `union`."""
+    _check_members(generators)
+    counter = "max_passes" if strategy == "sampling" else "max_expansions"
+    parts = budget.split(len(generators), counter)
+    return union(theorem, env, generators, strategy=strategy, budget=budget, budgets=dict(zip(generators, parts)), **options)
+
+
 def combine_union(
     theorem: Theorem,
     strategy: str,
@@ -197,7 +228,7 @@ def combine_union(
 
     Status: PROVED with the winner's proof; else FAILED with the first rejected proof if a
     member had one; else CANCELLED if the cancel event fired; else ERROR if any member
-    ended with an error (its generator failed); else TIMEOUT if any member
+    ended in an infrastructure error; else TIMEOUT if any member
     timed out, BUDGET_EXHAUSTED if any used its budget, FAILED if every member exhausted
     its search space.
     """
@@ -222,8 +253,8 @@ def combine_union(
             combined.verification_message = rejected.verification_message
         elif cancelled:
             combined.status = Status.CANCELLED
-        elif Status.ERROR in statuses:  # a member's generation layer failed: not a search outcome
-            combined.status = Status.ERROR
+        elif Status.ERROR in statuses:
+            combined.status = Status.ERROR  # an infrastructure error, never a failure
         elif Status.TIMEOUT in statuses:
             combined.status = Status.TIMEOUT
         elif Status.BUDGET_EXHAUSTED in statuses:
@@ -258,6 +289,7 @@ def mixture(
     seed: int | None = 0,
     progress: Callable[[dict], None] | None = None,
     cancel: threading.Event | None = None,
+    all_passes: bool = False,
 ) -> SearchResult:
     """One search whose candidates come from every member, merged by score."""
     _check_args(generators, strategy, length_alpha, samples_per_step, parallel_passes)
@@ -284,5 +316,6 @@ def mixture(
         samples_per_step=samples_per_step,
         parallel_passes=parallel_passes,
         seed=seed,
+        all_passes=all_passes,
     )
     return engine.run()

@@ -46,6 +46,12 @@ class SearchResult:
     error_counts: dict[str, int] = field(default_factory=dict)  # every recorded error, by kind
     dropped_candidates: dict[str, int] = field(default_factory=dict)  # empty/duplicate/forbidden/invalid
     proof_members: list[str] | None = None  # per proof step, the member whose candidate it was
+    # sampling: distinct tactic sequences the passes tried (a deterministic generator makes
+    # every pass the same: 1), and the 1-based index of the lowest-numbered pass that found a
+    # verified proof (pass@n of this run is `first_success_pass <= n`; None: no proof).
+    distinct_trajectories: int | None = None
+    first_success_pass: int | None = None
+    successful_passes: int | None = None  # sampling with all_passes: passes that found a verified proof
     members: dict[str, "SearchResult"] = field(default_factory=dict)  # ensemble: per member
 
     @property
@@ -68,6 +74,8 @@ class SearchResult:
         if wall_time:
             self.wall_time_s += other.wall_time_s
         self.max_depth_reached = max(self.max_depth_reached, other.max_depth_reached)
+        if other.distinct_trajectories is not None:
+            self.distinct_trajectories = (self.distinct_trajectories or 0) + other.distinct_trajectories
         for kind, count in other.error_counts.items():
             self.error_counts[kind] = self.error_counts.get(kind, 0) + count
         for reason, count in other.dropped_candidates.items():

@@ -69,16 +69,20 @@ def test_full_run_then_resume_after_a_simulated_kill(tmp_path, bench):
     results = run_dir / "results.jsonl"
     data = results.read_bytes()
     results.write_bytes(data[: int(len(data) * 0.4)])
-    kept = len(RunDirectory(run_dir).load().records) // 3
+    kept_records = RunDirectory(run_dir).load().records
+    kept = len(kept_records) // 3
+    kept_errors = sum(1 for r in kept_records if r.member == ENSEMBLE and r.status == "error")
     second = run_eval(config, run_dir, resume=True)
-    assert second.skipped == kept and second.new_theorems == n - kept
+    # errors are retried on resume (by default): only the searched theorems are skipped
+    assert second.skipped == kept - kept_errors and second.new_theorems == n - kept + kept_errors
     assert second.dropped_torn_lines >= 1
     keys = _keys(run_dir)
     assert len(keys) == 3 * n and set(keys.values()) == {1}  # every theorem, each member, once
     assert check_summary_against_records(second.summary, RunDirectory(run_dir).records()) == []
-    # nothing left to do: a third run adds nothing and leaves the file byte-identical
+    # nothing left to do but errors: without retrying them a third run adds nothing and
+    # leaves the file byte-identical
     before = results.read_bytes()
-    third = run_eval(config, run_dir, resume=True)
+    third = run_eval(config, run_dir, resume=True, retry_errors=False)
     assert third.new_theorems == 0 and results.read_bytes() == before
     assert json.loads((run_dir / "summary.json").read_text())["recorded"] == n
 
@@ -123,13 +127,22 @@ def test_cli_eval(tmp_path):
     args = ["eval", "--generator", "oracle", "--run-dir", str(run_dir), "--limit", "12", "--max-expansions", "6",
             "--workers", "2", "--no-ray", "--no-progress"]
     result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1].startswith("pass rate (ensemble): LeanDojo random_test_head ")
+    # The sample's first 12 theorems include some the replay environment cannot open (no
+    # traced tactics): errors, so the exit status is 1 and the reason is printed.
+    assert result.exit_code == 1, result.output
+    assert "ended in an error" in result.output and "no traced tactics" in result.output
+    assert result.output.strip().splitlines()[-2].startswith("pass rate (ensemble): LeanDojo random_test_head ")
     assert "/12 = " in result.output
     for name in ("config.json", "results.jsonl", "summary.json", "table.md"):
         assert (run_dir / name).is_file()
-    again = runner.invoke(app, args + ["--resume"])
-    assert again.exit_code == 0 and "0 theorem(s) evaluated now, 12 already recorded" in again.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    errors = summary["errors"]
+    assert errors > 0
+    again = runner.invoke(app, args + ["--resume", "--no-retry-errors"])
+    assert again.exit_code == 1 and "0 theorem(s) evaluated now, 12 already recorded" in again.output
+    retried = runner.invoke(app, args + ["--resume"])
+    assert retried.exit_code == 1 and f"{errors} theorem(s) evaluated now, {12 - errors} already recorded" in retried.output
+    assert (run_dir / "retried_errors.jsonl").is_file()
     changed = runner.invoke(app, args + ["--resume", "--max-expansions", "7"])
     assert changed.exit_code == 2 and "different settings (budget)" in changed.output
     missing = runner.invoke(app, ["eval", "--generator", "fixed", "--benchmark", str(tmp_path / "nope.json"), "--run-dir", str(tmp_path / "x")])

@@ -46,8 +46,12 @@ def test_combine_independent_is_the_union_of_member_proofs():
     assert combined.status is Status.PROVED and combined.member == "neff4" and combined.proof == ["simp"]
     assert combined.expansions == 14  # the compute the ensemble spent
     assert combine_independent("t", "best_first", {"a": _result("t", Status.ERROR, "a")}).status is Status.ERROR
+    # An errored member makes the unproved ensemble an error (not a timeout or a failure)...
     mixed = {"a": _result("t", Status.ERROR, "a"), "b": _result("t", Status.TIMEOUT, "b")}
-    assert combine_independent("t", "best_first", mixed).status is Status.TIMEOUT
+    assert combine_independent("t", "best_first", mixed).status is Status.ERROR
+    # ...but a verified proof of another member stands.
+    proved = {"a": _result("t", Status.ERROR, "a"), "b": _result("t", Status.PROVED, "b")}
+    assert combine_independent("t", "best_first", proved).status is Status.PROVED
 
 
 def test_record_rejects_contradictions():
@@ -139,10 +143,10 @@ def test_table_and_plots(tmp_path):
     table = table_markdown(summary, budget=budget, ensemble="independent")
     lines = table.splitlines()
     assert "pass@128 sampling" in table and "Budget per member" in table
-    assert lines[4] == "| model | Mathlib sample (n=2) | miniF2F test (n=1) |"
-    assert lines[6] == "| neff1 | 50.0% (1/2) | 0.0% (0/1) |"
-    assert lines[7] == "| neff4 | 0.0% (0/2) | 100.0% (1/1) |"
-    assert lines[8] == "| **ensemble** | **50.0% (1/2)** | **100.0% (1/1)** |"
+    assert lines[4].startswith("| model | Mathlib sample (n=2) | errors | miniF2F test (n=1) | errors | passes | generator calls | Lean calls |")
+    assert lines[6].startswith("| neff1 | 50.0% (1/2) | 0 | 0.0% (0/1) | 0 |")
+    assert lines[7].startswith("| neff4 | 0.0% (0/2) | 0 | 100.0% (1/1) | 0 |")
+    assert lines[8].startswith("| **ensemble** | **50.0% (1/2)** | 0 | **100.0% (1/1)** | 0 |")
     assert "miniF2F test: incomplete, 2 of the 3 selected theorems not recorded yet." in table
     assert summary["benchmarks"][BENCH]["complete"] and not summary["complete"]
     plots = write_plots(summary, tmp_path / "plots")

@@ -96,6 +96,19 @@ def test_two_iterations_kill_during_retraining_and_resume(tmp_path, monkeypatch)
     neff2_config = (run_dir / "iter-1" / "train" / "neff-2" / "config.yaml").read_text()
     assert str(run_dir.resolve() / "iter-0" / "train" / "neff-2" / "final") in neff2_config
 
+    # The default evaluation set is the fixed held-out split: the same at every iteration and
+    # disjoint from every theorem whose proof any iteration trained on (or harvested).
+    eval_ids = {t["full_name"] for t in ds.read_raw(run_dir / "iter-0" / "data" / "eval.json")}
+    assert eval_ids
+    for it in (0, 1, 2):
+        trained = {t["full_name"] for t in ds.read_raw(run_dir / f"iter-{it}" / "data" / "train.json") if t["traced_tactics"]}
+        assert not eval_ids & trained
+        eval_manifest = json.loads((run_dir / f"iter-{it}" / "eval" / "manifest.json").read_text())
+        assert eval_manifest["inputs"]["benchmark"].endswith("iter-0/data/eval.json")
+        assert eval_manifest["counts"]["overlap_with_training"] == 0
+    assert not eval_ids & {t["full_name"] for t in ds.read_raw(run_dir / "iter-0" / "data" / "unproved.json")}
+    assert "the same theorems at every iteration" in (run_dir / "summary.md").read_text()
+
     # Held-out proofs are absent from iteration 0's training data.
     held_out = {t["full_name"] for t in ds.read_raw(run_dir / "iter-0" / "data" / "unproved.json")}
     base_train = ds.read_raw(run_dir / "iter-0" / "data" / "train.json")
@@ -186,6 +199,20 @@ def test_replay_proof_rejects_broken_proofs():
     if len(proof.tactics) > 1:
         with pytest.raises(ds.ReplayError, match="goals remain"):
             ds.replay_proof(env, theorem, proof.tactics[:-1], iteration=1, member="m")
+
+
+def test_initial_split_holds_the_evaluation_set_out_of_everything_trained_on():
+    theorems = ds.read_raw(Path(__import__("training.data", fromlist=["SAMPLE_PATH"]).SAMPLE_PATH))
+    train, unproved, evaluation = ds.initial_split(theorems, eval_fraction=0.2, holdout_fraction=0.5, seed=0)
+    ids = lambda items: {t["full_name"] for t in items}  # noqa: E731
+    assert evaluation and all(t["traced_tactics"] for t in evaluation)
+    assert not ids(evaluation) & ids(train) and not ids(evaluation) & ids(unproved)
+    assert ids(train) | ids(unproved) | ids(evaluation) == ids(theorems)
+    assert ds.initial_split(theorems, eval_fraction=0.2, holdout_fraction=0.5, seed=0) == (train, unproved, evaluation)
+    # A given unproved set is searched and trained on: its theorems leave the evaluation set.
+    given = evaluation[:2]
+    _, searched, kept = ds.initial_split(theorems, eval_fraction=0.2, holdout_fraction=0.5, seed=0, unproved=given)
+    assert searched == given and not ids(kept) & ids(given)
 
 
 def test_holdout_split_is_deterministic_and_disjoint():

@@ -54,6 +54,13 @@ def test_report_agrees_with_results_file(pipeline_run) -> None:
     report = result.report_md.read_text()
     assert "| neff-16 | 16 |" in report and "ensemble" in report
     assert result.summary["confidence_mean_p"]["train"].keys() == {"neff-1", "neff-16"}
+    # One evaluation run gives Table 2 with the equal-compute row (CE with 2× the passes, 2
+    # members) and the compute per row, and Table 4 (pass@n) from the same sampling run.
+    assert "neff-1 ×2" in members
+    assert "| neff-1 ×2 (equal compute) |" in report and "| generator calls | Lean calls | wall time (s) |" in report
+    assert "pass@n" in report and "pass@2" in report and "plots/pass_at_n_" in report
+    baseline = [r for r in lines if r["member"] == "neff-1 ×2"]
+    assert baseline and all(r["result"]["passes"] <= 4 for r in baseline)
 
 
 def test_rerun_resumes_without_new_work(pipeline_run) -> None:

@@ -124,7 +124,12 @@ def test_mixture_sampling_draws_from_every_member() -> None:
     b = ScriptedGenerator({"root": [("wrong", -0.1)]}, name="b")
     r = mixture(THEOREM, env, {"a": a, "b": b}, strategy="sampling", budget=budget(max_passes=100), seed=5)
     assert r.status is Status.PROVED and r.member == "a" and r.proof_members == ["a"]
-    assert r.passes > 1  # "wrong" is drawn more often (weight e^-0.1 vs e^-2)
+    # Each step takes one member's sample uniformly (not re-weighted by probability):
+    # "wrong" (e^-0.1) and "qa" (e^-2) are drawn about equally often.
+    env = GraphEnv({"root": {}})
+    mixture(THEOREM, env, {"a": a, "b": b}, strategy="sampling", budget=budget(max_passes=2000), seed=5)
+    share = sum(t == "wrong" for _, t, _ in env.calls) / len(env.calls)
+    assert 0.45 < share < 0.55
 
 
 def test_credited_member_rules() -> None:

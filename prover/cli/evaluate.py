@@ -1,8 +1,10 @@
 """`dco-prover eval`: batch evaluation into a resumable run directory (Table 2 of the paper).
 
-Exit status: 0 when every selected theorem is recorded, 1 when the run stopped short
-(it can be resumed), 2 for bad input (unknown benchmark, bad flags, a run directory that
-does not match). Heavy imports happen inside the command so `--help` stays fast.
+Exit status: 0 when every selected theorem is recorded and none ended in an error; 1 when
+the run stopped short or some theorem ended in an error (an infrastructure error: resume
+to retry it); 2 for bad input (unknown benchmark, bad flags, a run directory that does not
+match, a smaller --limit on resume) and when nothing could start (e.g. miniF2F without
+Lean), with the reason. Heavy imports happen inside the command so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prover.cli.common import EXIT_NOT_DONE, EXIT_OK, EnvChoice, StrategyChoice,
 
 class EnsembleModeChoice(str, enum.Enum):
     independent = "independent"
+    shared = "shared"
     union = "union"
     mixture = "mixture"
 
@@ -38,8 +41,8 @@ class BackendChoice(str, enum.Enum):
 
 
 def eval_command(
-    benchmark: Annotated[Optional[list[str]], typer.Option(help="'minif2f', 'leandojo' (the bundled sample) or a file (.jsonl miniF2F, .json LeanDojo); repeat for several columns.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="miniF2F split to keep (valid, test); default: all.")] = None,
+    benchmark: Annotated[Optional[list[str]], typer.Option(help="'minif2f', 'leandojo' (the bundled sample) or a file (.jsonl miniF2F, .json LeanDojo), optionally SOURCE@SPLIT (minif2f@test); repeat for several columns.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="miniF2F split to keep (valid, test) for miniF2F benchmarks without @SPLIT; default: all.")] = None,
     ensemble: Annotated[Optional[Path], typer.Option(help="The trainer's ensemble manifest (one checkpoint per N_eff).")] = None,
     models: Annotated[Optional[list[str]], typer.Option(help="Checkpoints, 'tiny-qwen2', or NAME=PATH (repeat or comma-separate).")] = None,
     generator: Annotated[Optional[GeneratorChoice], typer.Option(help="A model-free generator instead of models: oracle (replay data) or fixed; or openai: model servers (--generator-url / --endpoints).")] = None,
@@ -47,10 +50,13 @@ def eval_command(
     endpoints: Annotated[Optional[Path], typer.Option(help="openai: the endpoints manifest of `dco-prover serve-models` (one server per member).")] = None,
     served_model: Annotated[Optional[str], typer.Option(help="openai with --generator-url: the served model name (default: the only one listed).")] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Model backend: transformers, or vllm (falls back to transformers with a warning when vLLM/CUDA is missing).")] = BackendChoice.transformers,
-    env: Annotated[Optional[EnvChoice], typer.Option(help="Default: replay for LeanDojo benchmarks, repl for miniF2F.")] = None,
+    env: Annotated[Optional[EnvChoice], typer.Option(help="Every benchmark's environment. Default: replay for LeanDojo benchmarks, repl for miniF2F (each its own).")] = None,
     tactic_latency: Annotated[float, typer.Option(help="replay: seconds slept per tactic, to stand in for Lean (benchmarks).")] = 0.0,
     strategy: Annotated[StrategyChoice, typer.Option(help="best_first or sampling (pass@N).")] = StrategyChoice.best_first,
-    ensemble_mode: Annotated[EnsembleModeChoice, typer.Option(help="independent: each member searched alone with its full budget (Table 2); union / mixture: one combined search.")] = EnsembleModeChoice.independent,
+    ensemble_mode: Annotated[EnsembleModeChoice, typer.Option(help="independent: each member searched alone with its full budget (Table 2); shared: the members split one budget (equal compute); union / mixture: one combined search.")] = EnsembleModeChoice.independent,
+    baseline: Annotated[Optional[str], typer.Option(help="Equal-compute baseline: this member searched again with M× the budget (M = members). Default: the N_eff=1 (CE) member of an ensemble manifest; 'none' to skip.")] = None,
+    baseline_factor: Annotated[Optional[int], typer.Option(help="The baseline's budget multiple (default: the number of members).")] = None,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors/--no-retry-errors", help="On --resume, search again the theorems recorded as errors (default) or keep them.")] = True,
     max_depth: Annotated[int, typer.Option(help="Proof steps on a path at most.")] = 50,
     time_limit: Annotated[float, typer.Option(help="Wall-clock seconds per theorem per member.")] = 600.0,
     max_expansions: Annotated[int, typer.Option(help="best_first: node expansions at most.")] = 100,
@@ -60,6 +66,7 @@ def eval_command(
     length_alpha: Annotated[float, typer.Option(help="best_first: length normalisation exponent (0 = off).")] = 0.0,
     samples_per_step: Annotated[int, typer.Option(help="sampling: tactics asked per step.")] = 1,
     parallel_passes: Annotated[int, typer.Option(help="sampling: passes walked in lockstep.")] = 1,
+    all_passes: Annotated[bool, typer.Option("--all-passes/--stop-at-proof", help="sampling: run all passes even after a proof and count the successful ones (lower-variance pass@n; costs the full budget on proved theorems).")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per tactic at most.")] = 96,
     beam: Annotated[bool, typer.Option(help="Beam search instead of sampling.")] = False,
@@ -91,20 +98,35 @@ def eval_command(
         parse_members,
         resolve_benchmark,
     )
-    from prover.eval.runner import run_eval
+    from dataclasses import replace
+
+    from prover.eval.config import parse_benchmark_arg
+    from prover.eval.runner import EvalUnavailable, run_eval
     from prover.eval.rundir import RunDirectoryError
     from search.budget import Budget
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        benches: list[BenchmarkSpec] = [resolve_benchmark(b, split) for b in (benchmark or ["leandojo"])]
-        env_kind = env.value if env is not None else ("replay" if all(b.format == "leandojo" for b in benches) else "repl")
+        sources = [parse_benchmark_arg(b, split) for b in (benchmark or ["leandojo"])]
+        if split is not None and not any(src == "minif2f" or src.endswith(".jsonl") for src, _ in sources):
+            raise EvalConfigError("--split applies to miniF2F (.jsonl) benchmarks only; a LeanDojo file is one split")
+        benches: list[BenchmarkSpec] = [resolve_benchmark(src, sp) for src, sp in sources]
+        if env is not None:
+            env_kind = env.value
+        else:  # each benchmark in its own environment: LeanDojo data in replay, miniF2F in the REPL
+            env_kind = "replay" if any(b.format == "leandojo" for b in benches) else "repl"
+            benches = [replace(b, env="replay" if b.format == "leandojo" else "repl") for b in benches]
         members = parse_members(
             split_list(models) or None, str(ensemble) if ensemble is not None else None, generator.value if generator else None, backend.value,
             endpoints=str(endpoints) if endpoints is not None else None, generator_url=generator_url, served_model=served_model,
         )
         if beam and any(m.kind == "openai" for m in members):
             raise EvalConfigError("beam search is not offered through model servers: sample (drop --beam)")
+        if baseline is None:
+            ce = [m.name for m in members if m.n_eff == 1]
+            baseline_member = ce[0] if ce and len(members) > 1 and ensemble_mode.value != "mixture" else None
+        else:
+            baseline_member = None if baseline.lower() == "none" else baseline
         use_ray = ray
         if use_ray is None:
             use_ray = importlib.util.find_spec("ray") is not None and (workers > 1 or bool(ray_address or os.environ.get("RAY_ADDRESS")))
@@ -127,6 +149,7 @@ def eval_command(
             length_alpha=length_alpha,
             samples_per_step=samples_per_step,
             parallel_passes=parallel_passes,
+            all_passes=all_passes,
             generator_options=GeneratorOptions(
                 temperature=temperature,
                 max_new_tokens=max_new_tokens,
@@ -148,14 +171,18 @@ def eval_command(
                 batch_wait_s=batch_wait_ms / 1000.0 if batch_wait_ms is not None else None,
             ),
             limit=limit,
+            baseline=baseline_member,
+            baseline_factor=baseline_factor,
         )
-        if any(m.kind == "oracle" for m in members) and env_kind != "replay":
+        if any(m.kind == "oracle" for m in members) and any((b.env or env_kind) != "replay" for b in benches):
             raise EvalConfigError("the oracle generator needs the replay environment (--env replay)")
     except (EvalConfigError, ValueError) as err:
         raise fail(str(err)) from err
 
     try:
-        outcome = run_eval(config, run_dir, resume=resume, progress=progress)
+        outcome = run_eval(config, run_dir, resume=resume, progress=progress, retry_errors=retry_errors)
+    except EvalUnavailable as err:
+        raise fail(f"nothing could start: {err}") from err
     except (RunDirectoryError, EvalConfigError) as err:
         raise fail(str(err)) from err
     typer.echo(f"run directory: {outcome.run_dir} ({outcome.new_theorems} theorem(s) evaluated now, {outcome.skipped} already recorded)")
@@ -163,4 +190,10 @@ def eval_command(
     if gave_up:
         typer.echo(f"{len(gave_up)} theorem(s) recorded as errors after {max_retries} retries of a failing worker", err=True)
     typer.echo(outcome.final_line())
-    raise typer.Exit(code=EXIT_OK if outcome.summary["complete"] else EXIT_NOT_DONE)
+    errors = outcome.summary.get("errors", 0)
+    if errors:
+        examples = [e for info in outcome.summary["benchmarks"].values() for e in info["rows"]["ensemble"]["error_examples"]]
+        typer.echo(f"{errors} theorem(s) ended in an error (not a failure; `--resume` retries them). First: "
+                   f"{examples[0]['theorem_id']}: {examples[0]['error']}" if examples else f"{errors} theorem(s) ended in an error", err=True)
+    ok = outcome.summary["complete"] and not errors
+    raise typer.Exit(code=EXIT_OK if ok else EXIT_NOT_DONE)

@@ -25,6 +25,7 @@ def pipeline_command(
     max_depth: Annotated[int, typer.Option(help="Proof steps at most.")] = 50,
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(help="Prover workers for the search stage.")] = 1,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also search the N_eff=1 member with M× the budget (the equal-compute row).")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train CE and DCO members, measure their confidence, search train and held-out theorems, report."""
@@ -54,6 +55,7 @@ def pipeline_command(
             budget=Budget(max_depth=max_depth, time_limit_s=time_limit, max_passes=max_passes, max_expansions=max_expansions),
             workers=workers,
             progress=progress,
+            baseline=baseline,
         )
         result = run_pipeline(settings, log=lambda line: err_console.print(line, highlight=False, soft_wrap=True))
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:

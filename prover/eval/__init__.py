@@ -2,8 +2,8 @@
 
 - `records`: one JSON line per theorem per ensemble member and one for the ensemble.
 - `rundir`: the run directory (config, append-only results, crash repair, resume).
-- `summary`, `report`: pass rates recomputed from the results file, the Table-2 Markdown
-  and the pass-rate plots.
+- `summary`, `report`: pass rates recomputed from the results file (errors apart from
+  failures, the compute per row, pass@n), the Table-2 and Table-4 Markdown and the plots.
 - `batching`: a generator proxy that merges concurrent `propose` calls into one.
 - `worker`: proves one theorem (every member, then the ensemble record).
 - `local_backend`, `ray_backend`: run workers in threads or as Ray actors, with retries.

@@ -19,7 +19,7 @@ from search.types import ProofEnvironment, TacticGenerator, Theorem
 
 
 ENV_KINDS = ("replay", "repl", "dojo")
-ENSEMBLE_MODES = ("independent", "union", "mixture")
+ENSEMBLE_MODES = ("independent", "union", "shared", "mixture")
 BACKENDS = ("transformers", "vllm")
 SPECIAL_GENERATORS = ("oracle", "fixed")
 OPENAI = "openai"  # members served by model servers (completions clients)
@@ -41,6 +41,7 @@ class BenchmarkSpec:
     path: str
     split: str | None = None
     label: str = ""
+    env: str | None = None  # this benchmark's environment kind; None: the run's `EnvSpec.kind`
 
     def load(self) -> list[Theorem]:
         from prover.theorems import load_leandojo, load_minif2f
@@ -52,9 +53,29 @@ class BenchmarkSpec:
         return load_leandojo(self.path)
 
 
-def resolve_benchmark(source: str, split: str | None = None) -> BenchmarkSpec:
+def parse_benchmark_arg(text: str, default_split: str | None = None) -> tuple[str, str | None]:
+    """`SOURCE@SPLIT` (e.g. `minif2f@test`) → (source, split); without `@`, the default
+    split applies to miniF2F sources only (a LeanDojo file is one split)."""
+    source, sep, split = text.rpartition("@")
+    if sep and source and split and "/" not in split:
+        return source, split
+    is_minif2f = text == "minif2f" or text.endswith(".jsonl")
+    return text, default_split if is_minif2f else None
+
+
+def resolve_benchmark(source: str, split: str | None = None, env: str | None = None) -> BenchmarkSpec:
     """`minif2f` (bundled), `leandojo` (the bundled LeanDojo sample), or a file: `.jsonl` is
-    miniF2F's format, anything else LeanDojo Benchmark 4 JSON."""
+    miniF2F's format, anything else LeanDojo Benchmark 4 JSON. `env`: the environment kind
+    this benchmark runs in (None: the run's default)."""
+    spec = _resolve_benchmark(source, split)
+    if env is not None:
+        if env not in ENV_KINDS:
+            raise EvalConfigError(f"unknown environment {env!r}; choose one of {', '.join(ENV_KINDS)}")
+        spec = replace(spec, env=env)
+    return spec
+
+
+def _resolve_benchmark(source: str, split: str | None = None) -> BenchmarkSpec:
     if source == "minif2f":
         from prover.theorems import MINIF2F_PATH
 
@@ -131,6 +152,7 @@ class MemberSpec:
     source: str
     kind: str = "transformers"
     model: str | None = None
+    n_eff: int | None = None  # from the ensemble manifest; N_eff = 1 is the CE member
 
 
 @dataclass(frozen=True)
@@ -229,7 +251,7 @@ def _manifest_members(manifest: Path, backend: str) -> list[MemberSpec]:
             path = manifest.parent / path
         if not (path / "config.json").is_file():
             raise EvalConfigError(f"member {entry.name!r} of {manifest}: {path} is not a checkpoint directory with a config.json")
-        members.append(MemberSpec(entry.name, str(path.resolve()), backend))
+        members.append(MemberSpec(entry.name, str(path.resolve()), backend, getattr(entry, "n_eff", None)))
     return members
 
 
@@ -351,6 +373,9 @@ class EvalConfig:
     generator_options: GeneratorOptions = field(default_factory=GeneratorOptions)
     distribution: Distribution = field(default_factory=Distribution)
     limit: int | None = None
+    all_passes: bool = False  # sampling: every pass even after a proof, counting successes (pass@n)
+    baseline: str | None = None  # member searched again with `baseline_factor`× the budget
+    baseline_factor: int | None = None  # None: the number of members (the paper's 5× CE row)
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -364,6 +389,35 @@ class EvalConfig:
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise EvalConfigError(f"a benchmark is given twice: {names}")
+        if self.baseline is not None:
+            if self.baseline not in self.member_names:
+                raise EvalConfigError(f"baseline member {self.baseline!r} is not a member ({', '.join(self.member_names)})")
+            if self.ensemble == "mixture":
+                raise EvalConfigError("the equal-compute baseline needs member rows (not with --ensemble-mode mixture)")
+        if self.baseline_factor is not None and self.baseline_factor < 1:
+            raise EvalConfigError(f"baseline factor must be >= 1, got {self.baseline_factor}")
+
+    @property
+    def baseline_row(self) -> str | None:
+        """The member name of the equal-compute baseline's records (e.g. `neff-1 ×5`)."""
+        if self.baseline is None:
+            return None
+        return f"{self.baseline} ×{self.effective_baseline_factor}"
+
+    @property
+    def effective_baseline_factor(self) -> int:
+        return self.baseline_factor if self.baseline_factor is not None else len(self.members)
+
+    def env_kind(self, benchmark: str) -> str:
+        """The environment kind a benchmark's theorems run in."""
+        for bench in self.benchmarks:
+            if bench.name == benchmark:
+                return bench.env or self.env.kind
+        raise KeyError(benchmark)
+
+    @property
+    def env_kinds(self) -> list[str]:
+        return sorted({b.env or self.env.kind for b in self.benchmarks})
 
     @property
     def member_names(self) -> list[str]:
@@ -375,7 +429,8 @@ class EvalConfig:
         member, doubled, plus a minute for start-up and verification)."""
         if self.distribution.task_timeout_s is not None:
             return self.distribution.task_timeout_s
-        return 2.0 * self.budget.time_limit_s * len(self.members) + 60.0
+        members = len(self.members) + (self.effective_baseline_factor if self.baseline is not None else 0)
+        return 2.0 * self.budget.time_limit_s * members + 60.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -391,6 +446,9 @@ class EvalConfig:
             "generator_options": asdict(self.generator_options),
             "distribution": asdict(self.distribution),
             "limit": self.limit,
+            "baseline": self.baseline,
+            "baseline_factor": self.baseline_factor,
+            "all_passes": self.all_passes,
         }
 
     @classmethod
@@ -410,16 +468,36 @@ class EvalConfig:
             generator_options=GeneratorOptions(**data.get("generator_options", {})),
             distribution=Distribution(**data.get("distribution", {})),
             limit=data.get("limit"),
+            baseline=data.get("baseline"),
+            baseline_factor=data.get("baseline_factor"),
+            all_passes=bool(data.get("all_passes", False)),
         )
 
     def with_distribution(self, distribution: Distribution) -> "EvalConfig":
         return replace(self, distribution=distribution)
 
 
+# Where the work runs, not what it computes: free to change when a run is resumed.
+DISTRIBUTION_OPTIONS = ("device", "gpu_memory_fraction")
+
+
 def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share with the stored run (see the module docstring)."""
+    """The settings a resumed run must share with the stored run (see the module docstring):
+    everything but the distribution (workers, Ray, devices, GPU shares), `limit` and the
+    bookkeeping; settings added later compare equal to their defaults."""
     ignored = {"distribution", "limit", "expected", "duplicates"}
-    return {k: v for k, v in config_json.items() if k not in ignored}
+    out = {k: v for k, v in config_json.items() if k not in ignored}
+    options = dict(out.get("generator_options") or {})
+    for key in DISTRIBUTION_OPTIONS:
+        options.pop(key, None)
+    out["generator_options"] = options
+    default_env = (out.get("env") or {}).get("kind")
+    out["benchmarks"] = [{**b, "env": b.get("env") or default_env} for b in out.get("benchmarks", [])]
+    out["members"] = [{"n_eff": None, **m} for m in out.get("members", [])]
+    out.setdefault("baseline", None)
+    out.setdefault("baseline_factor", None)
+    out.setdefault("all_passes", False)
+    return out
 
 
 def cpu_count() -> int:

@@ -1,8 +1,9 @@
 """The in-process backend: `workers` threads, each a `ProverWorker` with its own environment.
 
-The members' generators are built once and shared; with more than one worker each is
-wrapped in a `BatchingGenerator`, so concurrent searches share model calls exactly as the
-Ray generator actors do. A worker whose `prove` raises is discarded and rebuilt (a fresh
+The members' generators are built once and shared; with more than one worker each model
+is wrapped in a `BatchingGenerator`, so concurrent searches share model calls exactly as
+the Ray generator actors do (model-free members, oracle and fixed, are not batched: they
+fork a sampling stream per theorem, see `prover.eval.worker`). A worker whose `prove` raises is discarded and rebuilt (a fresh
 environment) and its theorem retried up to `max_retries` times, then recorded as an error.
 Lean work releases the GIL (subprocesses), so threads overlap the environment's latency.
 """
@@ -58,6 +59,7 @@ class LocalBackend:
         batchers: dict[str, BatchingGenerator] = {}
         generators: Mapping[str, TacticGenerator] = base
         if workers > 1:
+            model_free = {m.name for m in self.config.members if m.kind in ("oracle", "fixed")}
             batchers = {
                 name: BatchingGenerator(
                     gen,
@@ -66,8 +68,9 @@ class LocalBackend:
                     expected_clients=workers,
                 )
                 for name, gen in base.items()
+                if name not in model_free or not callable(getattr(gen, "fork", None))
             }
-            generators = batchers
+            generators = {name: batchers.get(name, gen) for name, gen in base.items()}
         todo: "queue.Queue[object]" = queue.Queue()
         done: "queue.Queue[tuple[str, object]]" = queue.Queue()
         for task in tasks:

@@ -86,9 +86,11 @@ def combine_independent(theorem_id: str, strategy: str, members: Mapping[str, Se
     This is the paper's Table-2 ensemble: proved iff some member proved it (the first
     member in order that did supplies the proof and `member`). Counters (passes,
     expansions, Lean calls, times) are sums over members: the compute the ensemble spent.
-    Status when unproved: `error` if every member errored, else `timeout` if any member
-    timed out, else `budget_exhausted` if any member ran out of budget, else `failed`
-    (every member exhausted its search space, or a mix of that and errors).
+    Status when unproved: `error` if any member errored (an infrastructure error: the
+    ensemble did not really search with all its members, so it is not a failure and a
+    resumed run retries it), else `timeout` if any member timed out, else
+    `budget_exhausted` if any member ran out of budget, else `failed` (every member
+    exhausted its search space).
     """
     if not members:
         raise ValueError(f"theorem {theorem_id!r}: an ensemble needs at least one member result")
@@ -97,7 +99,7 @@ def combine_independent(theorem_id: str, strategy: str, members: Mapping[str, Se
     statuses = {r.status for _, r in results}
     if winner is not None:
         status = Status.PROVED
-    elif statuses == {Status.ERROR}:
+    elif Status.ERROR in statuses:
         status = Status.ERROR
     elif Status.TIMEOUT in statuses:
         status = Status.TIMEOUT
@@ -115,8 +117,40 @@ def combine_independent(theorem_id: str, strategy: str, members: Mapping[str, Se
         combined.proof_members = [name] * len(combined.proof)
     for name, r in results:
         combined.add_counts(r)
+    # The causes of errored members first, so the ensemble line's `error` names them.
+    for name, r in sorted(results, key=lambda item: item[1].status is not Status.ERROR):
         combined.errors.extend(f"{name}: {e}" for e in r.errors)
     return combined
+
+
+def record_message(record: EvalRecord) -> str:
+    """The record's error, else its search's error log joined (empty when neither)."""
+    return record.error or "; ".join(record.result.get("errors", []))
+
+
+def not_replayable_reason(record: EvalRecord) -> str | None:
+    """The category when the record's theorem was refused by the replay environment as not
+    replayable (a property of the data, `prover.replayability`), else None.
+
+    Such a record has status `error` (nothing was searched) but is no infrastructure error:
+    it stays in every denominator as not proved, in its own `not_replayable` count, and is
+    neither retried on resume nor a reason for a non-zero exit."""
+    if record.status != Status.ERROR.value:
+        return None
+    from prover.replayability import reason_in_message
+
+    return reason_in_message(record_message(record))
+
+
+def is_infrastructure_error(record: EvalRecord) -> bool:
+    """`error` status for a reason other than the theorem being not replayable."""
+    return record.status == Status.ERROR.value and not_replayable_reason(record) is None
+
+
+def is_error_group(group: Sequence[EvalRecord]) -> bool:
+    """Whether a theorem's group ended in an infrastructure error (its ensemble line); a
+    theorem refused as not replayable is not one (searching it again changes nothing)."""
+    return any(r.member == ENSEMBLE and is_infrastructure_error(r) for r in group)
 
 
 def records_for_theorem(

@@ -8,6 +8,8 @@ Layout:
   `O_APPEND` descriptor followed by `fsync`, so a killed run loses at most the theorems
   in flight; a torn tail (partial line or partial group) is cut off by `open_for_resume`.
 - `summary.json`, `table.md`, `plots/*.png`: derived from `results.jsonl` only.
+- `retried_errors.jsonl`: the error groups a resumed run took out of `results.jsonl` to
+  search those theorems again (kept for the record; never read back).
 
 Only one process writes a run directory at a time (the evaluation driver); a lock file
 (`.lock`, holding the writer's pid) refuses a second writer.
@@ -30,6 +32,7 @@ SUMMARY = "summary.json"
 TABLE = "table.md"
 PLOTS = "plots"
 LOCK = ".lock"
+RETRIED = "retried_errors.jsonl"
 
 
 class RunDirectoryError(Exception):
@@ -201,6 +204,26 @@ class RunDirectory:
             handle.truncate(size - report.dropped_bytes)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def drop_groups(self, keys: set[tuple[str, str]]) -> int:
+        """Take the groups of `keys` out of results.jsonl (to be searched again), appending
+        them to `retried_errors.jsonl` first; the rewrite is atomic. Returns the lines moved."""
+        if not keys:
+            return 0
+        records = self.records()
+        moved = [r for r in records if r.key in keys]
+        kept = [r for r in records if r.key not in keys]
+        if not moved:
+            return 0
+        with open(self.path / RETRIED, "ab") as handle:
+            handle.write(b"".join(json.dumps(r.to_json(), sort_keys=True).encode() + b"\n" for r in moved))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        _atomic_write(self.results_path, "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in kept))
+        return len(moved)
 
     # ------------------------------------------------------------- writing
 

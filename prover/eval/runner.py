@@ -3,6 +3,11 @@
 The results file is the single source of truth: the summary, the table and the plots are
 recomputed from it after every run (and by `rebuild_reports` on demand), never from
 in-memory counters.
+
+Before anything is written, every environment kind the benchmarks need is checked
+(`EvalUnavailable`, e.g. miniF2F without Lean: nothing could start). On resume, theorems
+whose group ended in an error are searched again (`retry_errors`, the default), and a
+selection smaller than what is recorded (a smaller `--limit`) is refused.
 """
 
 from __future__ import annotations
@@ -15,13 +20,34 @@ from typing import Any, Callable, Mapping, Sequence
 
 from prover.eval.backend import BackendReport
 from prover.eval.config import EvalConfig, identity
-from prover.eval.records import ENSEMBLE, EvalRecord
-from prover.eval.report import table_markdown, write_plots
-from prover.eval.rundir import RunDirectory
+from prover.eval.records import ENSEMBLE, EvalRecord, is_error_group, not_replayable_reason
+from prover.eval.report import table_markdown, write_pass_at_plots, write_plots
+from prover.eval.rundir import RunDirectory, RunDirectoryError
 from prover.eval.summary import summarize
 from prover.eval.worker import TheoremTask
 from search.types import TacticGenerator
 
+
+
+class EvalUnavailable(RuntimeError):
+    """Nothing could start: an environment the benchmarks need cannot run here (the message
+    says what is missing and how to get it)."""
+
+
+def check_environments(config: EvalConfig) -> None:
+    """Raise `EvalUnavailable` when an environment kind of the run cannot be built here.
+    Lean backends are checked (`prover.runner.make_environment` refuses without Lean);
+    replay needs only its data files."""
+    from prover.runner import EnvironmentUnavailable, make_environment
+
+    for kind in config.env_kinds:
+        if kind == "replay":
+            continue
+        needs = ", ".join(b.label or b.name for b in config.benchmarks if (b.env or config.env.kind) == kind)
+        try:
+            make_environment(kind)  # constructed only, not entered: no Lean process starts
+        except EnvironmentUnavailable as err:
+            raise EvalUnavailable(f"{needs} need(s) the {kind!r} environment, which cannot run here: {err}") from err
 
 
 @dataclass
@@ -75,7 +101,8 @@ def final_line(summary: Mapping[str, Any]) -> str:
     parts = []
     for info in summary["benchmarks"].values():
         row = info["rows"][ENSEMBLE]
-        parts.append(f"{info['label']} {row['proved']}/{row['theorems']} = {100.0 * row['pass_rate']:.1f}%")
+        errors = f" ({row['errors']} error(s))" if row.get("errors") else ""
+        parts.append(f"{info['label']} {row['proved']}/{row['theorems']} = {100.0 * row['pass_rate']:.1f}%{errors}")
     status = "" if summary["complete"] else " (incomplete)"
     return "pass rate (ensemble): " + "; ".join(parts) + status
 
@@ -107,21 +134,48 @@ def run_eval(
     on_dispatch=None,
     progress: bool = False,
     on_group: Callable[[list[EvalRecord]], None] | None = None,
+    retry_errors: bool = True,
 ) -> EvalOutcome:
     """Evaluate `config` into `run_dir` (see the module docstring).
 
-    `resume`: continue an existing run (same identity), skipping recorded theorems.
+    `resume`: continue an existing run (same identity), skipping recorded theorems; with
+    `retry_errors` the theorems recorded as errors are searched again.
     `backend`: an object with `run(tasks, sink)`; chosen from the config when None.
     `progress`: show a rich progress bar on stderr.
     """
     started = time.monotonic()
     config_json = _normalised(config)
     selection = select_theorems(config)
+    if backend is None and generators is None:
+        check_environments(config)
     stored = dict(config_json, expected={name: len(ids) for name, ids in selection.expected.items()}, duplicates=selection.duplicates)
+    retried = 0
     if resume:
         run, loaded = RunDirectory.open_for_resume(run_dir, identity(config_json), identity)
-        run.update_config(stored)
-        done = {r.key for r in loaded.records}
+        try:
+            selected = {t.key for tasks in selection.tasks.values() for t in tasks}
+            beyond = sorted({r.key for r in loaded.records} - selected)
+            if beyond:
+                raise RunDirectoryError(
+                    f"{run.path} already records {len(beyond)} theorem(s) outside this selection (e.g. {beyond[0][1]!r} of "
+                    f"{beyond[0][0]}): a smaller --limit cannot shrink a run; resume with the same --limit (or none), "
+                    "or choose another --run-dir"
+                )
+            if retry_errors:
+                groups: dict[tuple[str, str], list[EvalRecord]] = {}
+                for record in loaded.records:
+                    groups.setdefault(record.key, []).append(record)
+                errored = {key for key, group in groups.items() if is_error_group(group)}
+                retried = len(errored)
+                run.drop_groups(errored)
+                loaded_keys = set(groups) - errored
+            else:
+                loaded_keys = {r.key for r in loaded.records}
+            run.update_config(stored)
+        except BaseException:
+            run.close()
+            raise
+        done = loaded_keys
         dropped = loaded.dropped_lines
     else:
         run = RunDirectory.create(run_dir, stored)
@@ -135,7 +189,7 @@ def run_eval(
 
             def sink(group: list[EvalRecord]) -> None:
                 run.append_group(group)
-                bar.advance(group[-1].proved)
+                bar.advance("not_replayable" if not_replayable_reason(group[-1]) else group[-1].status)
                 if on_group is not None:
                     on_group(group)
 
@@ -148,6 +202,7 @@ def run_eval(
             "dropped_torn_lines": dropped,
             "elapsed_s": elapsed,
             "theorems_per_s": len(todo) / elapsed if elapsed > 0 else 0.0,
+            "retried_errors": retried,
         }, "duplicate_ids_skipped": selection.duplicates})
     finally:
         run.close()
@@ -165,14 +220,33 @@ def rebuild_reports(
         expected=expected,
         members=config.member_names if config.ensemble != "mixture" else [],
         labels={b.name: b.label for b in config.benchmarks},
+        baseline=config.baseline_row,
+        passes=row_passes(config),
     )
     summary["budget"] = config.budget.to_json()
     summary["ensemble_mode"] = config.ensemble
     summary.update(extra or {})
     run.write_summary(summary)
     run.write_table(table_markdown(summary, budget=config.budget.to_json(), ensemble=config.ensemble, title=f"Evaluation: {run.path.name}"))
-    plots = write_plots(summary, run.plots_path)
+    plots = write_plots(summary, run.plots_path) + write_pass_at_plots(summary, run.plots_path, config.ensemble)
     return summary, plots
+
+
+def row_passes(config: EvalConfig) -> dict[str, int]:
+    """Passes per theorem each row was given (pass@n is reported up to it): every member
+    its own budget (`shared`: its share), the ensemble what each member had (`shared`: the
+    smallest share), the baseline `factor`× the budget."""
+    budget = config.budget.max_passes
+    if config.ensemble == "shared":
+        parts = config.budget.split(len(config.members), "max_passes")
+        passes = {m.name: b.max_passes for m, b in zip(config.members, parts) if b is not None}
+        passes[ENSEMBLE] = min(passes.values())
+    else:
+        passes = {name: budget for name in config.member_names}
+        passes[ENSEMBLE] = budget
+    if config.baseline_row is not None:
+        passes[config.baseline_row] = budget * config.effective_baseline_factor
+    return passes
 
 
 class _Progress:
@@ -184,6 +258,7 @@ class _Progress:
         self.enabled = enabled and total > 0
         self.proved = 0
         self.failed = 0
+        self.errors = 0
         self._progress = None
         self._task = None
 
@@ -196,7 +271,7 @@ class _Progress:
                 TextColumn("[bold]eval"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("[green]proved {task.fields[proved]}[/] [red]failed {task.fields[failed]}[/]"),
+                TextColumn("[green]proved {task.fields[proved]}[/] [red]failed {task.fields[failed]}[/] [yellow]errors {task.fields[errors]}[/]"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
@@ -205,16 +280,19 @@ class _Progress:
             self._progress.__enter__()
             if self.skipped:
                 self._progress.console.print(f"resuming: {self.skipped} theorem(s) already recorded, {self.total} to go")
-            self._task = self._progress.add_task("eval", total=self.total, proved=0, failed=0)
+            self._task = self._progress.add_task("eval", total=self.total, proved=0, failed=0, errors=0)
         return self
 
-    def advance(self, proved: bool) -> None:
-        if proved:
+    def advance(self, status: str) -> None:
+        """One theorem recorded with the ensemble line's `status`."""
+        if status == "proved":
             self.proved += 1
+        elif status == "error":
+            self.errors += 1
         else:
             self.failed += 1
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, proved=self.proved, failed=self.failed)
+            self._progress.update(self._task, advance=1, proved=self.proved, failed=self.failed, errors=self.errors)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:

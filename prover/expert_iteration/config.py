@@ -3,7 +3,9 @@
 Units: seconds for `time_limit_s` / `tactic_timeout_s`; `max_passes` is pass@N of the
 sampling strategy (the paper used pass@1k); `holdout_fraction` in (0, 1) is the share of
 the theorems with recorded proofs whose proofs are withheld from training and that form
-the initial unproved set (used only when `unproved` is not given).
+the initial unproved set (used only when `unproved` is not given); `eval_fraction` in
+(0, 1) is the share held out FIRST as the fixed evaluation split, disjoint from every
+theorem whose proof is trained on (the default evaluation benchmark).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class ExpertConfig(BaseModel):
     data: Path | None = Field(None, description="LeanDojo Benchmark 4 JSON with proofs; default the bundled sample.")
     unproved: Path | None = Field(None, description="LeanDojo JSON of theorems to prove; default: held out of `data`.")
     holdout_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    eval_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of the proved theorems held out as the fixed evaluation split (never trained on)."
+    )
     holdout_seed: int = 0
     env: Literal["replay", "repl", "dojo"] = "replay"
     env_sources: list[Path] = Field(
@@ -61,7 +66,7 @@ class ExpertConfig(BaseModel):
     search: SearchSettings = Field(default_factory=SearchSettings)
     eval: SearchSettings = Field(default_factory=lambda: SearchSettings(strategy="best_first", max_expansions=100))
     eval_benchmark: str | None = Field(
-        None, description="Benchmark of the evaluation stage ('minif2f', 'leandojo', a file); default: the initial unproved set."
+        None, description="Benchmark of the evaluation stage ('minif2f', 'leandojo', a file); default: the fixed held-out evaluation split."
     )
     search_generator: Literal["oracle", "fixed"] | None = Field(
         None, description="Debug/tests only: search with this model-free generator instead of the trained ensemble."

@@ -91,6 +91,25 @@ def holdout_split(theorems: Sequence[dict[str, Any]], fraction: float, seed: int
     return [t for t in theorems if t["full_name"] not in held_set], [t for t in theorems if t["full_name"] in held_set]
 
 
+def initial_split(theorems: Sequence[dict[str, Any]], *, eval_fraction: float, holdout_fraction: float, seed: int,
+                  unproved: Sequence[dict[str, Any]] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training theorems, unproved set, evaluation set) of iteration 0.
+
+    The evaluation set is `eval_fraction` of the theorems with recorded proofs, held out
+    first (seed `seed`) and disjoint from everything expert iteration trains on: it is
+    neither in the training data nor in the unproved set whose new proofs are harvested.
+    The unproved set is then `unproved` (given) or `holdout_fraction` of the rest; with a
+    given unproved set, its theorems are taken out of the evaluation set too."""
+    rest, evaluation = holdout_split(theorems, eval_fraction, seed)
+    if unproved is None:
+        train, unproved_set = holdout_split(rest, holdout_fraction, seed)
+    else:
+        train, unproved_set = rest, list(unproved)
+        searched = {t["full_name"] for t in unproved_set}
+        evaluation = [t for t in evaluation if t["full_name"] not in searched]
+    return train, unproved_set, evaluation
+
+
 def replay_proof(env: ProofEnvironment, theorem: Theorem, tactics: Sequence[str], *, iteration: int, member: str,
                  tactic_timeout_s: float | None = None) -> list[Pair]:
     """The steps of `tactics` applied from the root of `theorem` in `env`, in order.

@@ -1,13 +1,17 @@
 """`run_expert_iteration`: the stages of every iteration, in a resumable run directory.
 
-Iteration 0: `data` (the training file without the held-out proofs, and the unproved
-set), `train` (one checkpoint per N_eff), `eval`. Iteration i >= 1: `search` (prove the
+Iteration 0: `data` (the fixed evaluation split held out first, then the training file
+without the held-out proofs, and the unproved set), `train` (one checkpoint per N_eff), `eval`. Iteration i >= 1: `search` (prove the
 unproved set of iteration i-1 with the ensemble of iteration i-1, through `run_eval`),
 `data` (replay every verified member proof in the environment and merge its steps into
 the training file, with provenance, without duplicates), `train`, `eval`. After each
 iteration: `iter-<i>/manifest.json` and the run's `summary.{json,md,png}`.
 
-Files: `iter-<i>/data/{train.json, unproved.json, pairs.jsonl (all pairs added so far),
+The evaluation stage defaults to the fixed evaluation split (`iter-0/data/eval.json`),
+disjoint from every theorem whose proof is trained on; its manifest records the overlap
+of the evaluated theorems with the training data (0 for the default split).
+
+Files: `iter-<i>/data/{train.json, unproved.json, eval.json (iteration 0), pairs.jsonl (all pairs added so far),
 new_pairs.jsonl (this iteration's)}`, `iter-<i>/train/{neff-N/, ensemble.json}`,
 `iter-<i>/{search,eval}/run/` (evaluation run directories).
 """
@@ -103,13 +107,15 @@ class _Driver:
         else:
             stages["data"] = self.store.run(0, "data", {
                 "data": str(self.data_path), "unproved": str(self.config.unproved) if self.config.unproved else None,
-                "holdout_fraction": self.config.holdout_fraction, "holdout_seed": self.config.holdout_seed},
+                "holdout_fraction": self.config.holdout_fraction, "holdout_seed": self.config.holdout_seed,
+                "eval_fraction": self.config.eval_fraction},
                 lambda d: self._initial_data(d))
         stages["train"] = self.store.run(i, "train", {
             "data": str(self.data_file(i, "train.json")), "n_effs": self.config.n_effs,
             "retrain_from": self.config.retrain_from}, lambda d: self._train(i, d))
         stages["eval"] = self.store.run(i, "eval", {
-            "ensemble": str(self.ensemble_manifest(i)), "eval": self.config.eval.model_dump()}, lambda d: self._eval(i, d))
+            "ensemble": str(self.ensemble_manifest(i)), "eval": self.config.eval.model_dump(),
+            "benchmark": self._eval_source()}, lambda d: self._eval(i, d))
         atomic_write_json(self.root / f"iter-{i}" / "manifest.json", {
             "iteration": i, "status": "completed",
             "stages": {name: {"status": m["status"], "manifest": str(self.store.manifest_path(i, name)),
@@ -122,19 +128,20 @@ class _Driver:
 
     def _initial_data(self, stage_dir: Path) -> tuple[dict, dict]:
         theorems = ds.read_raw(self.data_path)
-        if self.config.unproved is not None:
-            train, unproved = theorems, ds.read_raw(self.config.unproved)
-        else:
-            train, unproved = ds.holdout_split(theorems, self.config.holdout_fraction, self.config.holdout_seed)
+        train, unproved, evaluation = ds.initial_split(
+            theorems, eval_fraction=self.config.eval_fraction, holdout_fraction=self.config.holdout_fraction,
+            seed=self.config.holdout_seed, unproved=ds.read_raw(self.config.unproved) if self.config.unproved else None)
         ds.write_leandojo(stage_dir / "train.json", train)
         ds.write_leandojo(stage_dir / "unproved.json", unproved)
+        ds.write_leandojo(stage_dir / "eval.json", evaluation)
         ds.write_pairs(stage_dir / "pairs.jsonl", [])
         ds.write_pairs(stage_dir / "new_pairs.jsonl", [])
         return (
             {"train": str(stage_dir / "train.json"), "unproved": str(stage_dir / "unproved.json"),
-             "pairs": str(stage_dir / "pairs.jsonl")},
+             "eval": str(stage_dir / "eval.json"), "pairs": str(stage_dir / "pairs.jsonl")},
             {"train_theorems": len(train), "train_pairs": len(ds.existing_keys(train)), "unproved": len(unproved),
-             "unproved_ids": [t["full_name"] for t in unproved]},
+             "unproved_ids": [t["full_name"] for t in unproved], "eval_theorems": len(evaluation),
+             "eval_ids": [t["full_name"] for t in evaluation]},
         )
 
     def _search(self, i: int, stage_dir: Path) -> tuple[dict, dict]:
@@ -225,18 +232,29 @@ class _Driver:
         return ({"ensemble": str(self.ensemble_manifest(i)), "checkpoints": {m.name: m.checkpoint for m in members}},
                 {"members": len(members), "steps": {m.name: m.steps for m in members}})
 
+    def _eval_source(self) -> str:
+        """The evaluation benchmark: the given one, else the fixed held-out split."""
+        return self.config.eval_benchmark or str(self.data_file(0, "eval.json"))
+
+    def _trained_ids(self, i: int) -> set[str]:
+        """Every theorem whose proof iteration `i`'s models were trained on."""
+        return {t["full_name"] for t in ds.read_raw(self.data_file(i, "train.json")) if t["traced_tactics"]}
+
     def _eval(self, i: int, stage_dir: Path) -> tuple[dict, dict]:
         from prover.eval.config import parse_members, resolve_benchmark
 
-        bench_source = self.config.eval_benchmark or str(self.data_file(0, "unproved.json"))
-        benchmark = resolve_benchmark(bench_source)
+        benchmark = resolve_benchmark(self._eval_source())
         if benchmark.format == "leandojo" and not ds.read_raw(benchmark.path):
-            return {"run_dir": None, "benchmark": benchmark.name}, {"rows": {}}
+            return {"run_dir": None, "benchmark": benchmark.name}, {"rows": {}, "overlap_with_training": 0}
         members = parse_members(None, str(self.ensemble_manifest(i)), None, self.config.backend)
         summary = self._evaluate(benchmark, members, self.config.eval, stage_dir / "run", "eval")
         info = next(iter(summary["benchmarks"].values()))
-        rows = {m: {"proved": r["proved"], "theorems": r["theorems"], "pass_rate": r["pass_rate"]} for m, r in info["rows"].items()}
-        return {"run_dir": str(stage_dir / "run"), "benchmark": benchmark.name}, {"rows": rows}
+        rows = {m: {"proved": r["proved"], "theorems": r["theorems"], "pass_rate": r["pass_rate"], "errors": r.get("errors", 0)}
+                for m, r in info["rows"].items()}
+        evaluated = {t.id for t in benchmark.load()}
+        overlap = len(evaluated & self._trained_ids(i)) if benchmark.format == "leandojo" else 0
+        return ({"run_dir": str(stage_dir / "run"), "benchmark": benchmark.name},
+                {"rows": rows, "benchmark": benchmark.label or benchmark.name, "overlap_with_training": overlap})
 
     # ---------------------------------------------------------------- helpers
 

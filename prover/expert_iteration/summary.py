@@ -36,6 +36,8 @@ def collect(root: Path, last_iteration: int) -> list[dict[str, Any]]:
             "duplicates_skipped": counts.get("duplicates_skipped", 0),
             "train_pairs": counts["train_pairs"],
             "eval": evaluation["counts"]["rows"] if evaluation else None,
+            "eval_benchmark": evaluation["counts"].get("benchmark") if evaluation else None,
+            "eval_overlap_with_training": evaluation["counts"].get("overlap_with_training") if evaluation else None,
         })
     return rows
 
@@ -44,7 +46,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     members = sorted({m for r in rows if r["eval"] for m in r["eval"]}, key=lambda m: (m == "ensemble", m))
     header = ["iteration", "searched", "proved", "proved total", "unproved", "pairs added", "train pairs",
               *[f"eval {m}" for m in members]]
-    lines = ["# Expert iteration", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    benches = sorted({r["eval_benchmark"] for r in rows if r.get("eval_benchmark")})
+    intro = ["# Expert iteration", ""]
+    if benches:
+        overlaps = [r["eval_overlap_with_training"] for r in rows if r.get("eval_overlap_with_training") is not None]
+        intro += [f"Pass rates (eval columns) on {', '.join(benches)}, the same theorems at every iteration; "
+                  f"theorems of it whose proofs were trained on: {max(overlaps) if overlaps else 0}.", ""]
+    lines = [*intro, "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r[k]) for k in ("iteration", "searched", "proved", "proved_total", "unproved", "pairs_added", "train_pairs")]
         for m in members:

@@ -10,6 +10,7 @@ depends only on `(seed, state)`; the sampling stream only on `seed` and the call
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import heapq
 import math
@@ -54,6 +55,13 @@ class OracleGenerator:
         self._support: dict[str, list[Candidate]] = {}
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+
+    def fork(self, seed: int) -> "OracleGenerator":
+        """The same "model" (per-state distributions, shared support cache) sampled from its
+        own stream `seed`: a search that owns a fork draws independently of every other."""
+        twin = copy.copy(self)
+        twin._rng = random.Random(seed)
+        return twin
 
     def _state_rng(self, state: str) -> random.Random:
         digest = hashlib.sha256(f"{self.seed}\x00{state}".encode()).digest()
