@@ -327,6 +327,6 @@ def test_every_eval_summary_counts_replayability() -> None:
     assert info["replayability"] == {"theorems": 4, "replayable": 2, "not_replayable": 2,
                                      "reasons": {ROOT_NOT_STATEMENT: 1, PROOF_NOT_AT_END: 1}}
     table = table_markdown(summary, budget=Budget().to_json(), ensemble="independent")
-    assert "2 of 4 theorem(s) not replayable (root_not_statement 1, proof_not_at_end 1), counted as failed" in table
+    assert "2 of 4 theorem(s) not replayable (root_not_statement 1, proof_not_at_end 1): in the denominator as not proved, not errors" in table
     other = summarize(group("x", Status.FAILED, []), strategy="best_first")["benchmarks"]["b"]["replayability"]
     assert other == {"theorems": 1, "replayable": 1, "not_replayable": 0, "reasons": {}}

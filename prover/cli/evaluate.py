@@ -190,6 +190,12 @@ def eval_command(
     if gave_up:
         typer.echo(f"{len(gave_up)} theorem(s) recorded as errors after {max_retries} retries of a failing worker", err=True)
     typer.echo(outcome.final_line())
+    for info in outcome.summary["benchmarks"].values():
+        replay = info.get("replayability") or {}
+        if replay.get("not_replayable"):
+            reasons = ", ".join(f"{reason} {n}" for reason, n in replay["reasons"].items())
+            typer.echo(f"{info['label']}: {replay['not_replayable']} of {replay['theorems']} theorem(s) not replayable "
+                       f"({reasons}): in the denominator as not proved")
     errors = outcome.summary.get("errors", 0)
     if errors:
         examples = [e for info in outcome.summary["benchmarks"].values() for e in info["rows"]["ensemble"]["error_examples"]]

@@ -251,7 +251,7 @@ def _manifest_members(manifest: Path, backend: str) -> list[MemberSpec]:
             path = manifest.parent / path
         if not (path / "config.json").is_file():
             raise EvalConfigError(f"member {entry.name!r} of {manifest}: {path} is not a checkpoint directory with a config.json")
-        members.append(MemberSpec(entry.name, str(path.resolve()), backend, getattr(entry, "n_eff", None)))
+        members.append(MemberSpec(entry.name, str(path.resolve()), backend, n_eff=getattr(entry, "n_eff", None)))
     return members
 
 
@@ -274,7 +274,7 @@ def _openai_members(endpoints: str | None, generator_url: str | None, served_mod
         raise EvalConfigError(str(err)) from err
     if ENSEMBLE in {m.name for m in manifest.members}:
         raise EvalConfigError(f"{ENSEMBLE!r} is reserved for the ensemble row; rename that member in {endpoints}")
-    return [MemberSpec(m.name, m.base_url, OPENAI, m.model) for m in manifest.members]
+    return [MemberSpec(m.name, m.base_url, OPENAI, m.model, n_eff=m.n_eff) for m in manifest.members]
 
 
 def build_member(member: MemberSpec, options: GeneratorOptions, replay_sources: Sequence[str] = ()) -> TacticGenerator:
@@ -493,7 +493,7 @@ def identity(config_json: Mapping[str, Any]) -> dict[str, Any]:
     out["generator_options"] = options
     default_env = (out.get("env") or {}).get("kind")
     out["benchmarks"] = [{**b, "env": b.get("env") or default_env} for b in out.get("benchmarks", [])]
-    out["members"] = [{"n_eff": None, **m} for m in out.get("members", [])]
+    out["members"] = [{"model": None, "n_eff": None, **m} for m in out.get("members", [])]
     out.setdefault("baseline", None)
     out.setdefault("baseline_factor", None)
     out.setdefault("all_passes", False)
