@@ -44,6 +44,8 @@ process that talks to the same server.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -113,7 +115,8 @@ def load_prompt_tokenizer(source: Any) -> Any:
     path = os.path.expanduser(text)
     try:
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return _FastTokenizerFile(os.path.join(path, "tokenizer.json"))
+            with open(os.path.join(path, "tokenizer.json"), "rb") as handle:
+                return _shared_tokenizer_file(hashlib.sha256(handle.read()).hexdigest(), os.path.join(path, "tokenizer.json"))
         if text == "tiny-qwen2":  # training.modeling.TINY_MODEL: built in code, no files
             from training.modeling import load_tokenizer
 
@@ -127,6 +130,13 @@ def load_prompt_tokenizer(source: Any) -> Any:
             f"cannot load the tokenizer of {text!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "give the served checkpoint's directory (the endpoints manifest's 'checkpoint', or --tokenizer)"
         ) from err
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_tokenizer_file(digest: str, path: str) -> "_FastTokenizerFile":
+    """One tokenizer per distinct `tokenizer.json` content (sha256 `digest`): the members of an
+    ensemble share their base model's tokenizer, so a worker holds it once."""
+    return _FastTokenizerFile(path)
 
 
 class _FastTokenizerFile:
