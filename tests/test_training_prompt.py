@@ -182,3 +182,25 @@ def test_generators_of_a_checkpoint_use_the_prompt_budget_it_was_trained_with(tm
         assert client.request_body([state], 1, "m")["prompt"] == [prompt]
         compared += 1
     assert compared >= 20, counts
+
+
+def test_with_a_prompt_budget_a_states_training_prompt_does_not_depend_on_its_tactic(tokenizer):
+    """Before, the budget was max_length minus each tactic's length, so no generator budget
+    could match every example; now tactics that fit their room share one prompt."""
+    from training.config import ConfigError, load_config
+
+    state = _long_state(tokenizer, 40)
+    tactics = ["simp", TACTIC, "exact ⟨fun h => h.1, fun h => ⟨h, trivial⟩⟩"]
+    rows = datasets.Dataset.from_dict({"state_before": [state] * 3, "tactic": tactics, "theorem_id": ["t"] * 3,
+                                       "step": [0, 1, 2]})
+    tokenized, stats = tokenize_examples(rows, tokenizer, max_length=40 + 30, length_policy="truncate_left",
+                                         max_prompt_tokens=40)
+    prompts = {tuple(r["input_ids"][: r["labels"].count(IGNORE_INDEX)]) for r in tokenized}
+    assert len(prompts) == 1 and list(prompts.pop()) == build_prompt(tokenizer, state, 40).ids
+    assert stats.truncated == 3 and stats.past_prompt_budget == 0
+    dropped, stats = tokenize_examples(rows, tokenizer, max_length=70, length_policy="drop", max_prompt_tokens=40)
+    assert len(dropped) == 0 and stats.dropped_too_long == 3
+    assert load_config("tiny", max_length=64).prompt_budget == 48
+    assert load_config("default").prompt_budget == 1024 - 128
+    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+        load_config("tiny", max_prompt_tokens=128)
