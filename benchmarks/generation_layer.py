@@ -134,7 +134,7 @@ class _CannedHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def client_overhead(captured: bytes, model: str, repeats: int) -> dict:
+def client_overhead(captured: bytes, model: str, repeats: int, tokenizer: str) -> dict:
     from prover.generators.openai_client import OpenAICompletionsGenerator
 
     def timed(gen) -> float:
@@ -148,12 +148,12 @@ def client_overhead(captured: bytes, model: str, repeats: int) -> dict:
         return statistics.median(times) * 1000
 
     mock = httpx.Client(base_url="http://mock", transport=httpx.MockTransport(lambda request: httpx.Response(200, content=captured)))
-    mock_ms = timed(OpenAICompletionsGenerator("http://mock", model=model, client=mock))
+    mock_ms = timed(OpenAICompletionsGenerator("http://mock", model=model, client=mock, tokenizer=tokenizer))
     handler = type("Canned", (_CannedHandler,), {"body": captured})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        loop_ms = timed(OpenAICompletionsGenerator(f"http://127.0.0.1:{server.server_address[1]}", model=model))
+        loop_ms = timed(OpenAICompletionsGenerator(f"http://127.0.0.1:{server.server_address[1]}", model=model, tokenizer=tokenizer))
     finally:
         server.shutdown()
     return {"states": 4, "k": K, "mock_ms": round(mock_ms, 3), "loopback_ms": round(loop_ms, 3), "goal_ms": 2.0}
@@ -187,12 +187,12 @@ def main() -> None:
             servers.start()
             result["server_start_s"] = round(time.perf_counter() - start, 1)
             url = servers.servers[0].base_url
-            client = OpenAICompletionsGenerator(url, model="tiny", max_new_tokens=MAX_NEW_TOKENS)
+            client = OpenAICompletionsGenerator(url, model="tiny", max_new_tokens=MAX_NEW_TOKENS, tokenizer=str(checkpoint))
             run_searches(client, 2, 2)  # warm-up
             result["vllm_server"] = [run_searches(client, c, calls) for c in (1, 2, 4)]
             body = client.request_body(STATES[:4], K, "tiny")
             captured = httpx.post(url + "/v1/completions", json=body, timeout=120).content
-        result["client_overhead"] = client_overhead(captured, "tiny", 100 if args.quick else 300)
+        result["client_overhead"] = client_overhead(captured, "tiny", 100 if args.quick else 300, str(checkpoint))
         local = TransformersGenerator.load(checkpoint, dtype="float32", max_new_tokens=MAX_NEW_TOKENS)
         run_searches(local, 1, 2)  # warm-up
         result["transformers_in_process"] = [run_searches(local, c, calls) for c in (1, 2, 4)]

@@ -53,9 +53,14 @@ def worker_rss(config: dict) -> dict:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        from training.modeling import TINY_MODEL, load_tokenizer
+
+        load_tokenizer(TINY_MODEL).save_pretrained(Path(tmp) / "tokenizer")  # each member's checkpoint: its tokenizer files
+
         def manifest(n: int) -> str:
             path = Path(tmp) / f"endpoints{n}.json"
-            members = [{"name": f"m{i}", "base_url": "http://127.0.0.1:9", "model": f"m{i}"} for i in range(n)]
+            members = [{"name": f"m{i}", "base_url": "http://127.0.0.1:9", "model": f"m{i}", "checkpoint": str(Path(tmp) / "tokenizer")}
+                       for i in range(n)]
             path.write_text(json.dumps({"version": 1, "members": members}))
             return str(path)
 

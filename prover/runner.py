@@ -47,6 +47,10 @@ class GeneratorSpec:
     - `openai`: clients of model servers (`vllm serve`, `dco-prover serve-models`): one
       server at `generator_url` (its only served model, unless `served_model` names one),
       or every member of the endpoints manifest `endpoints`; sampled at `temperature`.
+      Prompts are token ids built with the served checkpoint's tokenizer: `tokenizer`
+      (a checkpoint directory or hub id; for an endpoints manifest it overrides every
+      member's `checkpoint`); without one the clients refuse to start unless
+      `text_prompts` (see `prover.generators.openai_client`).
     """
 
     kind: GeneratorKind = "fixed"
@@ -62,6 +66,8 @@ class GeneratorSpec:
     generator_url: str | None = None
     endpoints: str | None = None
     served_model: str | None = None
+    tokenizer: str | None = None  # openai: the served checkpoint's directory (or hub id) for prompt tokens
+    text_prompts: bool = False  # openai: without a tokenizer, send text (the server truncates by another rule)
 
     def __post_init__(self) -> None:
         _choice(self.kind, GeneratorKind, "generator kind")
@@ -72,6 +78,8 @@ class GeneratorSpec:
                 raise ValueError("beam search is not offered through model servers: sample (drop --beam)")
         elif self.generator_url is not None or self.endpoints is not None:
             raise ValueError(f"--generator-url/--endpoints need the openai generator, not {self.kind!r}")
+        elif self.tokenizer is not None:
+            raise ValueError(f"--tokenizer goes with the openai generator, not {self.kind!r}")
         if self.kind == "model" and not self.models and self.ensemble_manifest is None:
             raise ValueError("the model generator needs --models or --ensemble")
         if self.kind != "model" and (self.models or self.ensemble_manifest is not None):
@@ -224,15 +232,16 @@ def _openai_generators(spec: GeneratorSpec) -> dict[str, TacticGenerator]:
     A bad manifest raises `GeneratorLoadError` naming the problem."""
     from prover.generators.endpoints import EndpointsError, endpoint_generators
     from prover.generators.loading import GeneratorLoadError
-    from prover.generators.openai_client import OpenAICompletionsGenerator
+    from prover.generators.openai_client import MissingTokenizer, OpenAICompletionsGenerator
 
-    options = dict(temperature=spec.temperature, max_new_tokens=spec.max_new_tokens)
-    if spec.generator_url is not None:
-        generator = OpenAICompletionsGenerator(spec.generator_url, model=spec.served_model, **options)
-        return {generator.name: generator}
+    options = dict(temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, text_prompts=spec.text_prompts)
     try:
-        return endpoint_generators(str(spec.endpoints), **options)
-    except EndpointsError as err:
+        if spec.generator_url is not None:
+            generator = OpenAICompletionsGenerator(spec.generator_url, model=spec.served_model,
+                                                   tokenizer=spec.tokenizer, **options)
+            return {generator.name: generator}
+        return endpoint_generators(str(spec.endpoints), tokenizer=spec.tokenizer, **options)
+    except (EndpointsError, MissingTokenizer) as err:
         raise GeneratorLoadError(str(err)) from err
 
 

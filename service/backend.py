@@ -179,7 +179,7 @@ def _probe_endpoint(member: str, base_url: str, model: str | None, timeout_s: fl
     from prover.generators.openai_client import OpenAICompletionsGenerator
 
     started = time.monotonic()
-    ok, detail = OpenAICompletionsGenerator(base_url, model=model, name=member).health(timeout_s)
+    ok, detail = OpenAICompletionsGenerator(base_url, model=model, name=member, text_prompts=True).health(timeout_s)  # probes send no prompt
     if ok:
         return Check(f"model endpoint {member}", True, f"{base_url}: {detail} ({1000 * (time.monotonic() - started):.0f} ms)")
     fix = f"start the model server of {member!r} (`dco-prover serve-models`) or correct its URL/model in the endpoints manifest"
@@ -210,6 +210,7 @@ class WorkerBackend:
             generator_url=g.url,
             endpoints=str(g.endpoints) if g.endpoints is not None else None,
             served_model=g.served_model,
+            tokenizer=getattr(g, "tokenizer", None),  # with url: the served checkpoint (a manifest names its members')
         )
         if kind == "replay":
             env = make_environment("replay", benchmark=backend.replay_data, latency_s=backend.latency_s)

@@ -18,6 +18,7 @@ one model call, as a real server's continuous batching makes them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import threading
 import time
@@ -35,8 +36,18 @@ from training.prompt import PROMPT_TEMPLATE
 _HEAD, _, _TAIL = PROMPT_TEMPLATE.partition("{state}")
 
 
-def state_of(prompt: str) -> str:
-    """The state a prompt was made from (the whole prompt if it is not in the format)."""
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer() -> Any:
+    from training.modeling import TINY_MODEL, load_tokenizer
+
+    return load_tokenizer(TINY_MODEL)
+
+
+def state_of(prompt: str | list[int]) -> str:
+    """The state a prompt was made from (the whole prompt if it is not in the format); a
+    token-id prompt (what the completions client sends) is decoded with the tiny tokenizer."""
+    if not isinstance(prompt, str):
+        prompt = _tiny_tokenizer().decode(prompt)
     if prompt.startswith(_HEAD) and prompt.endswith(_TAIL):
         return prompt[len(_HEAD) : len(prompt) - len(_TAIL)]
     return prompt

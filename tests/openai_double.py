@@ -1,9 +1,10 @@
 """Test doubles of a model endpoint, for the default test environment (no vLLM).
 
 `CompletionsDouble` is a real OpenAI-compatible completions server over a real transformers
-model: `POST /v1/completions` samples `n` completions per prompt with the model (prompt text
-tokenised without special tokens, as vLLM does with `add_special_tokens: false`; over-long
-prompts keep their last `truncate_prompt_tokens`), and answers in vLLM's response format
+model: `POST /v1/completions` samples `n` completions per prompt with the model (a prompt is
+a text, tokenised without special tokens as vLLM does with `add_special_tokens: false`, or
+a list of token ids, taken as they are, as vLLM does; a list of either is several prompts;
+over-long prompts keep their last `truncate_prompt_tokens`), and answers in vLLM's response format
 with each sampled token's temperature-1 natural-log probability (`token_logprobs`, EOS
 included, as vLLM's default `raw_logprobs` mode reports them). `GET /health` and
 `GET /v1/models` answer as vLLM's do; an unknown model is vLLM's 404 error body.
@@ -36,11 +37,33 @@ class _RawPromptGenerator(TransformersGenerator):
 
     truncate: int | None = None
 
-    def prompt_ids(self, state: str) -> list[int]:
-        ids = list(self.tokenizer(state, add_special_tokens=False)["input_ids"])
+    def prompt_ids(self, state: str | list[int]) -> list[int]:
+        if isinstance(state, str):
+            ids = list(self.tokenizer(state, add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(state)
         if self.truncate is not None and len(ids) > self.truncate:
             ids = ids[-self.truncate :]
         return ids
+
+
+def _prompts(prompt: Any) -> list[str | list[int]] | None:
+    """The prompts of a completions request, as vLLM reads `prompt`: one text, texts, one
+    token-id list, or token-id lists; None when it is none of these."""
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if is_ids(prompt):
+        return [list(prompt)]
+    if all(is_ids(p) for p in prompt):
+        return [list(p) for p in prompt]
+    return None
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -122,15 +145,19 @@ class CompletionsDouble:
             return f"max_tokens must be in [1, {self.max_model_len}], got {max_tokens}."
         if not float(body.get("temperature", 1.0)) > 0:
             return "this double samples only: temperature must be > 0"
-        prompts = body.get("prompt")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            return "prompt must be a string or a list of strings"
+        prompts = _prompts(body.get("prompt"))
+        if prompts is None:
+            return "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        vocab = len(self.tokenizer)
+        for prompt in prompts:
+            if not isinstance(prompt, str) and not all(0 <= t < vocab for t in prompt):
+                return f"Token id out of vocabulary (size {vocab})"
+            if isinstance(prompt, str) and not prompt or not isinstance(prompt, str) and not prompt:
+                return "The prompt cannot be empty"
         return None
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        prompts = _prompts(body["prompt"])
         n = int(body.get("n", 1))
         gen = _RawPromptGenerator(
             self.model,

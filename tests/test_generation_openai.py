@@ -54,6 +54,7 @@ def _gen(url: str, **options) -> OpenAICompletionsGenerator:
     options.setdefault("model", "neff-4")
     options.setdefault("max_new_tokens", 6)
     options.setdefault("backoff_s", 0.05)
+    options.setdefault("tokenizer", TINY_MODEL)  # the served checkpoint's tokenizer builds the prompt tokens
     return OpenAICompletionsGenerator(url, **options)
 
 
@@ -62,9 +63,10 @@ def test_samples_are_scored_by_their_summed_token_logprobs(server) -> None:
     assert isinstance(gen, TacticGenerator) and gen.name == "neff-4"
     rows = gen.propose(STATES, 3, timeout_s=60)
     body = server.requests[-1]
-    assert body["prompt"] == [format_prompt(s) for s in STATES]  # the one prompt format, one request
+    # the one prompt format, as token ids, one request
+    assert body["prompt"] == [server.tokenizer(format_prompt(s), add_special_tokens=False)["input_ids"] for s in STATES]
     assert (body["n"], body["max_tokens"], body["logprobs"], body["stop"]) == (3, 6, 1, ["\n\n"])
-    assert math.isclose(body["temperature"], 0.8) and body["add_special_tokens"] is False
+    assert math.isclose(body["temperature"], 0.8) and "truncate_prompt_tokens" not in body
     assert len(rows) == 3 and sum(len(r) for r in rows) + gen.stats.empty == 9
     assert all(c.logprob <= 0 and c.tactic == c.tactic.strip() and c.tactic for row in rows for c in row)
     # the same request answered directly: each candidate's score is the sum of its tokens'
@@ -93,7 +95,7 @@ def test_logprobs_agree_with_the_models_own_scores(server) -> None:
 
 
 def test_model_name_comes_from_v1_models_when_not_given(server) -> None:
-    gen = OpenAICompletionsGenerator(server.url, max_new_tokens=4)
+    gen = OpenAICompletionsGenerator(server.url, max_new_tokens=4, tokenizer=server.tokenizer)
     assert gen.propose(["⊢ True"], 1, timeout_s=30) and gen.model == "neff-4"
 
 
@@ -200,9 +202,9 @@ def test_bad_settings_are_refused() -> None:
         with pytest.raises(ValueError, match="http"):
             normalise_base_url(bad)
     with pytest.raises(ValueError, match="temperature"):
-        OpenAICompletionsGenerator("http://h:1", temperature=0)
+        OpenAICompletionsGenerator("http://h:1", temperature=0, tokenizer=TINY_MODEL)
     with pytest.raises(ValueError, match="k must be"):
-        OpenAICompletionsGenerator("http://h:1").propose(["s"], 0)
+        OpenAICompletionsGenerator("http://h:1", tokenizer=TINY_MODEL).propose(["s"], 0)
 
 
 # ------------------------------------------------------------------ prove and eval
@@ -215,7 +217,7 @@ def test_prove_through_a_model_server(server, tmp_path) -> None:
 
     from prover.cli import app
 
-    result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", "--generator-url", server.url, "--max-expansions", "2",
+    result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", "--generator-url", server.url, "--tokenizer", TINY_MODEL, "--max-expansions", "2",
                                       "--tactics-per-expansion", "2", "--max-new-tokens", "4", "--json"])
     assert result.exit_code in (0, 1), result.output
     record = json.loads(result.stdout)
@@ -231,8 +233,8 @@ def test_prove_through_a_model_server(server, tmp_path) -> None:
     served = len(server.requests)
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({"version": 1, "members": [
-        {"name": "a", "base_url": server.url + "/v1", "model": "neff-4"},
-        {"name": "b", "base_url": server.url, "model": "neff-4"}]}))
+        {"name": "a", "base_url": server.url + "/v1", "model": "neff-4", "checkpoint": TINY_MODEL},
+        {"name": "b", "base_url": server.url, "model": "neff-4", "checkpoint": TINY_MODEL}]}))
     result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", "--endpoints", str(endpoints), "--max-expansions", "1",
                                       "--tactics-per-expansion", "2", "--max-new-tokens", "4", "--json"])
     assert result.exit_code in (0, 1), result.output
@@ -244,6 +246,8 @@ def test_prove_through_a_model_server(server, tmp_path) -> None:
         (["--endpoints", str(tmp_path / "none.json")], "endpoints manifest not found"),
         (["--generator", "openai"], "exactly one of --generator-url URL or --endpoints FILE"),
         (["--generator-url", server.url, "--beam"], "beam search is not offered"),
+        (["--generator-url", server.url], "needs the served checkpoint's tokenizer"),
+        (["--generator-url", server.url, "--tokenizer", str(tmp_path / "no-such-checkpoint")], "cannot load the tokenizer"),
         (["--generator", "fixed", "--generator-url", server.url], "need the openai generator"),
     ):
         result = CliRunner().invoke(app, ["prove", "--name", "Fin.zero_add", *args])
@@ -260,8 +264,8 @@ def test_eval_members_from_an_endpoints_manifest(server, tmp_path) -> None:
 
     endpoints = tmp_path / "endpoints.json"
     endpoints.write_text(json.dumps({"version": 1, "members": [
-        {"name": "neff-1", "base_url": server.url, "model": "neff-4"},
-        {"name": "neff-4", "base_url": server.url, "model": "neff-4", "n_eff": 4}]}))
+        {"name": "neff-1", "base_url": server.url, "model": "neff-4", "checkpoint": TINY_MODEL},
+        {"name": "neff-4", "base_url": server.url, "model": "neff-4", "checkpoint": TINY_MODEL, "n_eff": 4}]}))
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["eval", "--endpoints", str(endpoints), "--run-dir", str(run_dir), "--limit", "6",
                                       "--max-expansions", "1", "--tactics-per-expansion", "2", "--max-new-tokens", "4",

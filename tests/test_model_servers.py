@@ -144,7 +144,11 @@ def test_endpoints_manifest_round_trip_and_errors(tmp_path) -> None:
     path = write_endpoints(tmp_path / "e.json", [Endpoint(name="neff-1", base_url="http://h:8100/v1", model="neff-1", n_eff=1)])
     manifest = read_endpoints(path)
     assert manifest.members[0].base_url == "http://h:8100" and manifest.members[0].n_eff == 1
-    gens = endpoint_generators(path, temperature=0.5)
+    from prover.generators.openai_client import MissingTokenizer
+
+    with pytest.raises(MissingTokenizer, match="member 'neff-1'.*no 'checkpoint'"):
+        endpoint_generators(path, temperature=0.5)  # no tokenizer: no prompt tokens
+    gens = endpoint_generators(path, temperature=0.5, tokenizer="tiny-qwen2")
     assert list(gens) == ["neff-1"] and gens["neff-1"].model == "neff-1" and gens["neff-1"].temperature == 0.5
     cases = {
         "{": "invalid JSON",

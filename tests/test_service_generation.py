@@ -31,7 +31,12 @@ from tests.service_harness import REPO, SAMPLE_CONNECTED, ServerProcess, wait_fo
 
 
 def _manifest(path: Path, url: str, names: list[str], served: str | None = None) -> Path:
-    members = [{"name": name, "base_url": url, "model": served or name} for name in names]
+    checkpoint = path.parent / "tiny-tokenizer"  # the served checkpoint's tokenizer files (the clients build prompt ids)
+    if not (checkpoint / "tokenizer.json").is_file():
+        from training.modeling import TINY_MODEL, load_tokenizer
+
+        load_tokenizer(TINY_MODEL).save_pretrained(checkpoint)
+    members = [{"name": name, "base_url": url, "model": served or name, "checkpoint": str(checkpoint)} for name in names]
     path.write_text(json.dumps({"version": 1, "members": members}))
     return path
 

@@ -171,11 +171,13 @@ def test_real_completions_logprobs_match_the_transformers_generator(served) -> N
 
     ended = compared = 0
     for member in read_endpoints(served["endpoints"]).members:
-        client = OpenAICompletionsGenerator(member.base_url, model=member.model, max_new_tokens=8)
+        assert member.checkpoint == str(served["checkpoints"][member.name])  # serve-models records it: the clients' tokenizer
+        client = OpenAICompletionsGenerator(member.base_url, model=member.model, max_new_tokens=8, tokenizer=member.checkpoint)
         body = client.request_body(STATES, 4, member.model) | {"return_tokens_as_token_ids": True}
         answer = httpx.post(member.base_url + "/v1/completions", json=body, timeout=120).json()
         assert len(answer["choices"]) == 4 * len(STATES)
         tokenizer = _transformers(served["checkpoints"][member.name]).tokenizer
+        assert body["prompt"] == [tokenizer(format_prompt(s), add_special_tokens=False)["input_ids"] for s in STATES]
         sums = {}
         for choice in answer["choices"]:
             state = STATES[choice["index"] // 4]
@@ -204,16 +206,22 @@ def test_client_errors_and_concurrency_against_real_vllm(served) -> None:
 
     gens = endpoint_generators(served["endpoints"], max_new_tokens=6)
     url = gens["neff-1"].base_url
+    tokenizer = gens["neff-1"].tokenizer
     with pytest.raises(GeneratorError, match="HTTP 404.*does not exist") as info:
-        OpenAICompletionsGenerator(url, model="neff-99").propose(STATES[:1], 1, timeout_s=30)
+        OpenAICompletionsGenerator(url, model="neff-99", tokenizer=tokenizer).propose(STATES[:1], 1, timeout_s=30)
     assert not info.value.transient
     with pytest.raises(GeneratorError, match="HTTP 400.*max_tokens") as info:
-        OpenAICompletionsGenerator(url, model="neff-1", max_new_tokens=100_000).propose(STATES[:1], 1, timeout_s=30)
+        OpenAICompletionsGenerator(url, model="neff-1", max_new_tokens=100_000, tokenizer=tokenizer).propose(STATES[:1], 1, timeout_s=30)
     assert not info.value.transient
-    assert OpenAICompletionsGenerator(url).served_model() == "neff-1"  # from /v1/models
-    long_state = "h : " + " ∧ ".join(f"x{i} = {i}" for i in range(400)) + "\n⊢ True"
-    truncated = OpenAICompletionsGenerator(url, model="neff-1", max_new_tokens=4, max_prompt_tokens=64)
-    assert len(truncated.propose([long_state], 2, timeout_s=60)) == 1  # vLLM accepted the truncation fields
+    assert OpenAICompletionsGenerator(url, tokenizer=tokenizer).served_model() == "neff-1"  # from /v1/models
+    long_state = "h : " + " ∧ ".join(f"x{i} = {i}" for i in range(400)) + "\n⊢ True\n\n⊢ False"
+    truncated = OpenAICompletionsGenerator(url, model="neff-1", max_new_tokens=4, max_prompt_tokens=64, tokenizer=tokenizer)
+    prompt = truncated.request_body([long_state], 2, "neff-1")["prompt"][0]
+    decoded = _transformers(served["checkpoints"]["neff-1"]).tokenizer.decode(prompt)
+    assert len(prompt) <= 64 and decoded.startswith("[GOAL]\n") and decoded.endswith("⊢ True\n[PROOFSTEP]\n")  # header kept
+    assert len(truncated.propose([long_state], 2, timeout_s=60)) == 1  # vLLM took the training rule's token ids
+    text = OpenAICompletionsGenerator(url, model="neff-1", max_new_tokens=4, max_prompt_tokens=64, text_prompts=True)
+    assert len(text.propose([long_state], 2, timeout_s=60)) == 1  # the explicit text fallback: vLLM's truncation fields
     errors: list = []
     results: list = []
 

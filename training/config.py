@@ -21,6 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+DEFAULT_TACTIC_ROOM = 128
+"""Tokens of `max_length` kept for the tactic and EOS when no prompt budget is set (at most a quarter)."""
+
 CONFIG_DIR = Path(str(resources.files("training") / "configs"))
 BUNDLED_CONFIGS = {"default": CONFIG_DIR / "default.yaml", "tiny": CONFIG_DIR / "tiny.yaml"}
 
@@ -47,6 +50,15 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of theorems held out (split by theorem).")
     max_length: int = Field(1024, ge=8, description="Tokens per example (prompt + tactic + EOS).")
     length_policy: Literal["truncate_left", "drop"] = "truncate_left"
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=8,
+        description=(
+            "Prompt budget in tokens: longer prompts are shortened to it (training.prompt.build_prompt) "
+            "in training and, read back from the checkpoint's dco_training.json, by its generators, "
+            "so both see the same tokens. None: max_length minus min(128, max_length // 4) for the tactic."
+        ),
+    )
 
     # The objective.
     n_eff: int = Field(1, ge=1, description="DCO's N_eff; 1 is cross-entropy.")
@@ -126,11 +138,24 @@ class TrainConfig(BaseModel):
                 f"({self.micro_batch_size}): the batch is micro_batch_size x gradient "
                 f"accumulation steps x processes"
             )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens >= self.max_length:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must leave room for the tactic within "
+                f"max_length ({self.max_length})"
+            )
         if self.data is not None and not self.data.is_file():
             raise ValueError(f"data file not found: {self.data}")
         if self.deepspeed is not None and not self.deepspeed.is_file():
             raise ValueError(f"deepspeed config not found: {self.deepspeed}")
         return self
+
+    @property
+    def prompt_budget(self) -> int:
+        """Prompt tokens per example (and per generated prompt of the checkpoint); the rest
+        of `max_length` is room for the tactic and EOS."""
+        if self.max_prompt_tokens is not None:
+            return self.max_prompt_tokens
+        return self.max_length - min(DEFAULT_TACTIC_ROOM, self.max_length // 4)
 
     @property
     def replacement_active(self) -> bool:

@@ -288,6 +288,7 @@ class TokenizeStats:
     truncated: int = 0  # kept with a shortened state (`training.prompt.build_prompt`)
     dropped_too_long: int = 0  # dropped by the "drop" policy
     dropped_tactic_too_long: int = 0  # tactic (+ prompt markers) alone exceeds max_length
+    past_prompt_budget: int = 0  # with a prompt budget: kept, prompt cut below it for a long tactic
 
     def to_json(self) -> dict[str, int]:
         """A JSON-serialisable dict of the counts."""
@@ -300,6 +301,7 @@ def tokenize_examples(
     *,
     max_length: int,
     length_policy: LengthPolicy,
+    max_prompt_tokens: int | None = None,
 ) -> tuple[datasets.Dataset, TokenizeStats]:
     """Token ids with completion-only labels, one row per kept example.
 
@@ -310,7 +312,11 @@ def tokenize_examples(
     `training.prompt.build_prompt` of the state within the tokens the tactic leaves, the
     rule generation uses too — later goals go first, then the start of the first goal; the
     whole tactic stays; if not even one state character fits the example is dropped) or
-    dropped (`drop`). Output columns: `input_ids`, `labels`,
+    dropped (`drop`). `max_prompt_tokens` (the trainer's prompt budget, which the generators
+    of the checkpoint use too): prompts longer than it are shortened to it by the same rule
+    (or, under `drop`, dropped) before the `max_length` check, so a state's prompt is the
+    same whatever its tactic; only a tactic longer than `max_length - max_prompt_tokens`
+    shortens it further (counted in `past_prompt_budget`). Output columns: `input_ids`, `labels`,
     `attention_mask`, `theorem_id`, `step`.
     """
     import datasets
@@ -340,15 +346,31 @@ def tokenize_examples(
         zip(states, prompts, completions, dataset["theorem_id"], dataset["step"], strict=True)
     ):
         completion = [*completion, eos]
+        shortened = False
+        if max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+            if length_policy == "drop":
+                stats.dropped_too_long += 1
+                continue
+            try:
+                prompt = build_prompt(tokenizer, state, max_prompt_tokens, full_ids=prompt).ids
+            except PromptTooLong:
+                stats.dropped_tactic_too_long += 1
+                continue
+            shortened = True
         if len(prompt) + len(completion) > max_length:
             if length_policy == "drop":
                 stats.dropped_too_long += 1
                 continue
             try:
-                prompt = build_prompt(tokenizer, state, max_length - len(completion), full_ids=prompt).ids
+                prompt = build_prompt(tokenizer, state, max_length - len(completion),
+                                      full_ids=None if shortened else prompt).ids
             except PromptTooLong:
                 stats.dropped_tactic_too_long += 1
                 continue
+            shortened = True
+            if max_prompt_tokens is not None:
+                stats.past_prompt_budget += 1
+        if shortened:
             stats.truncated += 1
         out["input_ids"].append([*prompt, *completion])
         out["labels"].append([IGNORE_INDEX] * len(prompt) + completion)

@@ -24,6 +24,7 @@ import torch
 
 from training.config import ConfigError
 from training.data import SAMPLE_PATH, collate, load_tactic_examples, split_by_theorem, tokenize_examples
+from training.prompt import checkpoint_prompt_budget
 from training.losses import IGNORE_INDEX, sequence_logprobs
 from training.modeling import load_causal_lm, load_tokenizer
 
@@ -64,12 +65,15 @@ def greedy_confidences(
     max_length: int = 1024,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
 ) -> list[GreedyConfidence]:
     """Greedy completion and its confidence for every example that tokenizes under
-    `max_length` (the training prompt rule, `training.prompt.build_prompt`; drops are not scored)."""
+    `max_length` and the prompt budget `max_prompt_tokens` (the training prompt rule,
+    `training.prompt.build_prompt`; drops are not scored)."""
     device = next(model.parameters()).device
     tokenized, _ = tokenize_examples(examples.select_columns(["theorem_id", "step", "state_before", "tactic"]),
-                                     tokenizer, max_length=max_length, length_policy="truncate_left")
+                                     tokenizer, max_length=max_length, length_policy="truncate_left",
+                                     max_prompt_tokens=max_prompt_tokens)
     references = {(t, s): tac for t, s, tac in zip(examples["theorem_id"], examples["step"], examples["tactic"])}
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     was_training = model.training
@@ -215,7 +219,8 @@ def diagnose(
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, dtype="auto" if device != "cpu" else torch.float32, device=device)
         records = greedy_confidences(model, tokenizer, examples, max_length=max_length,
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     max_prompt_tokens=checkpoint_prompt_budget(path))  # as it was trained
         summaries[name] = summarize(records)
         report["checkpoints"][name] = {"path": str(path), **summaries[name],
                                        "records": [asdict(r) for r in records]}

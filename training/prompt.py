@@ -113,3 +113,51 @@ def build_prompt(tokenizer: Any, state: str, max_tokens: int | None, *,
     while (encoded := fits(first[cut:])) is None or not first[cut:].strip():
         cut += 1
     return Prompt(encoded, first[cut:].strip(), goals_dropped=len(goals) - 1, cut_chars=cut)
+
+
+# ------------------------------------------------------------------ the checkpoint's budget
+
+TRAINING_RECORD = "dco_training.json"
+"""The trainer's record inside a final checkpoint (`training.trainer._save_final`)."""
+
+DEFAULT_PROMPT_BUDGET = 2048
+"""Prompt budget (tokens) of generators whose checkpoint records none (not from this trainer)."""
+
+FROM_CHECKPOINT = "checkpoint"
+"""A generator's `max_prompt_tokens` default: the budget its checkpoint was trained with."""
+
+
+def checkpoint_prompt_budget(checkpoint: Any) -> int | None:
+    """The prompt budget (tokens) `checkpoint` was trained with: `prompt_budget` of its
+    `dco_training.json`; None when it has no such record (a hub id, `tiny-qwen2`, a
+    checkpoint from elsewhere or from a trainer that did not record it)."""
+    import json
+    from pathlib import Path
+
+    if checkpoint is None or not str(checkpoint):
+        return None
+    record = Path(str(checkpoint)).expanduser() / TRAINING_RECORD
+    if not record.is_file():
+        return None
+    try:
+        budget = json.loads(record.read_text()).get("prompt_budget")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{record}: unreadable training record: {err}") from err
+    if budget is None:
+        return None
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ValueError(f"{record}: prompt_budget must be a positive integer, got {budget!r}")
+    return budget
+
+
+def generation_prompt_budget(max_prompt_tokens: int | str | None, checkpoint: Any = None) -> int | None:
+    """The prompt budget a generator uses: `max_prompt_tokens` when given (an int, or None
+    for no limit), else (`FROM_CHECKPOINT`) the budget `checkpoint` was trained with, else
+    `DEFAULT_PROMPT_BUDGET`. Every generator calls this, so its prompts are `build_prompt`
+    with its checkpoint's training budget: the tokens it was trained on."""
+    if max_prompt_tokens != FROM_CHECKPOINT:
+        if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens must be a positive integer, None or {FROM_CHECKPOINT!r}, got {max_prompt_tokens!r}")
+        return max_prompt_tokens
+    recorded = checkpoint_prompt_budget(checkpoint)
+    return DEFAULT_PROMPT_BUDGET if recorded is None else recorded

@@ -66,6 +66,7 @@ from training.losses import (
     stepwise_dco_loss,
 )
 from training.modeling import load_causal_lm, load_tokenizer
+from training.prompt import TRAINING_RECORD
 from training.replacement import BatchFiller, ExampleStream, PassesComplete, ReplacementExhausted
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS = "metrics.jsonl"
 RESULT = "train_result.json"
-TRAINING_INFO = "dco_training.json"  # inside final/: what produced the checkpoint
+TRAINING_INFO = TRAINING_RECORD  # inside final/: what produced the checkpoint
 
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -240,7 +241,8 @@ def load_splits(config: TrainConfig, tokenizer: Any) -> tuple[TokenizedSplit, To
     splits = []
     for name, raw in (("train", train_raw), ("eval", eval_raw)):
         tokenized, stats = tokenize_examples(raw, tokenizer, max_length=config.max_length,
-                                             length_policy=config.length_policy)
+                                             length_policy=config.length_policy,
+                                             max_prompt_tokens=config.prompt_budget)
         counts[f"tokenize_{name}"] = stats.to_json()
         splits.append(TokenizedSplit(tokenized, tokenizer.pad_token_id))
     if len(splits[0]) == 0:
@@ -899,7 +901,9 @@ def _save_final(accelerator: Accelerator, model: nn.Module, tokenizer: Any, run:
         tokenizer.save_pretrained(tmp)
         info = {"n_eff": config.n_eff, "loss": config.loss, "epsilon": config.epsilon, "base_model": config.model,
                 "config_hash": digest, "steps": step, "precision": asdict(precision),
-                "config": config.model_dump(mode="json")}
+                "config": config.model_dump(mode="json"),
+                # Read back by every generator of this checkpoint (training.prompt.generation_prompt_budget).
+                "prompt_budget": config.prompt_budget}
         (tmp / TRAINING_INFO).write_text(json.dumps(info, indent=2))
         shutil.rmtree(run.final, ignore_errors=True)
         tmp.rename(run.final)

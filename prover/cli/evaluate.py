@@ -49,6 +49,7 @@ def eval_command(
     generator_url: Annotated[Optional[str], typer.Option(help="openai: one member served by a completions server (vllm serve) at http://HOST:PORT.")] = None,
     endpoints: Annotated[Optional[Path], typer.Option(help="openai: the endpoints manifest of `dco-prover serve-models` (one server per member).")] = None,
     served_model: Annotated[Optional[str], typer.Option(help="openai with --generator-url: the served model name (default: the only one listed).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="openai: the served checkpoint's directory (or hub id): its tokenizer and prompt budget build the prompt tokens (default with --endpoints: each member's 'checkpoint').")] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Model backend: transformers, or vllm (falls back to transformers with a warning when vLLM/CUDA is missing).")] = BackendChoice.transformers,
     env: Annotated[Optional[EnvChoice], typer.Option(help="Every benchmark's environment. Default: replay for LeanDojo benchmarks, repl for miniF2F (each its own).")] = None,
     tactic_latency: Annotated[float, typer.Option(help="replay: seconds slept per tactic, to stand in for Lean (benchmarks).")] = 0.0,
@@ -119,6 +120,7 @@ def eval_command(
         members = parse_members(
             split_list(models) or None, str(ensemble) if ensemble is not None else None, generator.value if generator else None, backend.value,
             endpoints=str(endpoints) if endpoints is not None else None, generator_url=generator_url, served_model=served_model,
+            tokenizer=tokenizer,
         )
         if beam and any(m.kind == "openai" for m in members):
             raise EvalConfigError("beam search is not offered through model servers: sample (drop --beam)")

@@ -53,6 +53,7 @@ def prove_command(
     generator_url: Annotated[Optional[str], typer.Option(help="openai: a completions server (vllm serve) at http://HOST:PORT, one member.")] = None,
     endpoints: Annotated[Optional[Path], typer.Option(help="openai: the endpoints manifest written by `dco-prover serve-models` (one server per member).")] = None,
     served_model: Annotated[Optional[str], typer.Option(help="openai with --generator-url: the served model name (default: the only one the server lists).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="openai: the served checkpoint's directory (or hub id) whose tokenizer and prompt budget build the prompt tokens (default with --endpoints: each member's 'checkpoint').")] = None,
     env: Annotated[Optional[EnvChoice], typer.Option(help="Default: replay for a LeanDojo benchmark, repl for --statement and miniF2F.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Model device (cpu, cuda, cuda:1).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Model dtype (float32, bfloat16, auto).")] = None,
@@ -128,6 +129,7 @@ def prove_command(
                 generator_url=generator_url,
                 endpoints=str(endpoints) if endpoints is not None else None,
                 served_model=served_model,
+                tokenizer=tokenizer,
             ),
         )
     except ValueError as err:

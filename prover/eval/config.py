@@ -153,6 +153,7 @@ class MemberSpec:
     kind: str = "transformers"
     model: str | None = None
     n_eff: int | None = None  # from the ensemble manifest; N_eff = 1 is the CE member
+    tokenizer: str | None = None  # openai: the served checkpoint (tokenizer and prompt budget of its prompts)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def parse_members(
     endpoints: str | None = None,
     generator_url: str | None = None,
     served_model: str | None = None,
+    tokenizer: str | None = None,
 ) -> list[MemberSpec]:
     """Members from `--models` (`PATH`, `tiny-qwen2` or `NAME=PATH`), an ensemble manifest,
     a model-free `--generator` (`oracle`, `fixed`), or model servers (`--generator openai`
@@ -189,7 +191,7 @@ def parse_members(
     if generator == OPENAI or endpoints is not None or generator_url is not None:
         if generator not in (None, OPENAI) or models or manifest is not None:
             raise EvalConfigError("--generator-url/--endpoints give the members: drop --models, --ensemble and other --generator values")
-        return _openai_members(endpoints, generator_url, served_model)
+        return _openai_members(endpoints, generator_url, served_model, tokenizer)
     given = [x for x in (bool(models), manifest is not None, generator is not None) if x]
     if len(given) != 1:
         raise EvalConfigError("give exactly one of --ensemble MANIFEST, --models ... or --generator oracle|fixed")
@@ -255,7 +257,8 @@ def _manifest_members(manifest: Path, backend: str) -> list[MemberSpec]:
     return members
 
 
-def _openai_members(endpoints: str | None, generator_url: str | None, served_model: str | None) -> list[MemberSpec]:
+def _openai_members(endpoints: str | None, generator_url: str | None, served_model: str | None,
+                    tokenizer: str | None = None) -> list[MemberSpec]:
     if (endpoints is None) == (generator_url is None):
         raise EvalConfigError("--generator openai needs exactly one of --generator-url URL or --endpoints FILE")
     from prover.eval.records import ENSEMBLE
@@ -267,14 +270,14 @@ def _openai_members(endpoints: str | None, generator_url: str | None, served_mod
             url = normalise_base_url(generator_url)
         except ValueError as err:
             raise EvalConfigError(str(err)) from err
-        return [MemberSpec(served_model or OPENAI, url, OPENAI, served_model)]
+        return [MemberSpec(served_model or OPENAI, url, OPENAI, served_model, tokenizer=tokenizer)]
     try:
         manifest = read_endpoints(Path(endpoints).expanduser())
     except EndpointsError as err:
         raise EvalConfigError(str(err)) from err
     if ENSEMBLE in {m.name for m in manifest.members}:
         raise EvalConfigError(f"{ENSEMBLE!r} is reserved for the ensemble row; rename that member in {endpoints}")
-    return [MemberSpec(m.name, m.base_url, OPENAI, m.model, n_eff=m.n_eff) for m in manifest.members]
+    return [MemberSpec(m.name, m.base_url, OPENAI, m.model, n_eff=m.n_eff, tokenizer=tokenizer or m.checkpoint) for m in manifest.members]
 
 
 def build_member(member: MemberSpec, options: GeneratorOptions, replay_sources: Sequence[str] = ()) -> TacticGenerator:
@@ -284,10 +287,15 @@ def build_member(member: MemberSpec, options: GeneratorOptions, replay_sources: 
 
         if options.beam_search:
             raise EvalConfigError("beam search is not offered through model servers: sample (drop --beam)")
-        return OpenAICompletionsGenerator(
-            member.source, model=member.model, name=member.name,
-            temperature=options.temperature, max_new_tokens=options.max_new_tokens,
-        )
+        from prover.generators.openai_client import MissingTokenizer
+
+        try:
+            return OpenAICompletionsGenerator(
+                member.source, model=member.model, name=member.name, tokenizer=member.tokenizer,
+                temperature=options.temperature, max_new_tokens=options.max_new_tokens,
+            )
+        except MissingTokenizer as err:
+            raise EvalConfigError(f"{err} (--tokenizer, or 'checkpoint' in the endpoints manifest)") from err
     if member.kind == "fixed":
         from prover.generators.fixed import FixedTacticGenerator
 
@@ -435,7 +443,8 @@ class EvalConfig:
     def to_json(self) -> dict[str, Any]:
         return {
             "benchmarks": [asdict(b) for b in self.benchmarks],
-            "members": [asdict(m) for m in self.members],
+            # `tokenizer` only when set, so runs stored before it existed still resume.
+            "members": [{k: v for k, v in asdict(m).items() if k != "tokenizer" or v is not None} for m in self.members],
             "env": {**asdict(self.env), "replay_sources": list(self.env.replay_sources)},
             "strategy": self.strategy,
             "budget": self.budget.to_json(),

@@ -10,7 +10,9 @@ Written by `dco-prover serve-models` once every server answers, read by `prove` 
                   "n_eff": 16, "device": "cuda:0", "gpu_memory_utilization": 0.17}]}
 
 `name` is the member's name in results (the trainer's member name); `base_url` the server's
-root (`http://host:port`); `model` the served model name requests carry. The rest records
+root (`http://host:port`); `model` the served model name requests carry; `checkpoint` the
+served checkpoint's directory, whose tokenizer and recorded prompt budget the clients use to
+build prompt tokens (needed unless a tokenizer is given otherwise). The rest records
 where the member runs (informational). A hand-written manifest naming servers started some
 other way (`vllm serve ... --served-model-name NAME`) is just as valid.
 """
@@ -96,14 +98,25 @@ def write_endpoints(path: str | os.PathLike[str], members: list[Endpoint]) -> Pa
     return path
 
 
-def endpoint_generators(manifest: EndpointsManifest | str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+def endpoint_generators(manifest: EndpointsManifest | str | os.PathLike[str], *, tokenizer: Any = None,
+                        **options: Any) -> dict[str, Any]:
     """One `OpenAICompletionsGenerator` per member (named as the member), in manifest order;
-    `options` go to every client (temperature, max_new_tokens, timeouts)."""
-    from prover.generators.openai_client import OpenAICompletionsGenerator
+    `options` go to every client (temperature, max_new_tokens, timeouts). Each client builds
+    its prompt tokens with its member's `checkpoint` (tokenizer files and the recorded prompt
+    budget), or with `tokenizer` when given (one for all members). A member with neither
+    raises `MissingTokenizer` naming it, unless `text_prompts=True` is among `options`."""
+    from prover.generators.openai_client import MissingTokenizer, OpenAICompletionsGenerator
 
     if not isinstance(manifest, EndpointsManifest):
         manifest = read_endpoints(manifest)
-    return {
-        m.name: OpenAICompletionsGenerator(m.base_url, model=m.model, name=m.name, **options)
-        for m in manifest.members
-    }
+    generators = {}
+    for m in manifest.members:
+        try:
+            generators[m.name] = OpenAICompletionsGenerator(
+                m.base_url, model=m.model, name=m.name, tokenizer=tokenizer if tokenizer is not None else m.checkpoint,
+                **options,
+            )
+        except MissingTokenizer as err:
+            raise MissingTokenizer(f"endpoints member {m.name!r}: {err} (it has no 'checkpoint' in the manifest)"
+                                   if tokenizer is None and m.checkpoint is None else f"endpoints member {m.name!r}: {err}") from err
+    return generators

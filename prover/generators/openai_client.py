@@ -2,9 +2,21 @@
 
 In production the server is `vllm serve` (see `dco-prover serve-models`): many searches,
 in many threads, workers and jobs, reach one server, and its continuous batching batches
-them. One `propose` call is one HTTP request carrying every state's prompt
-(`training.prompt.format_prompt`, the one prompt format) with `n = k`, `temperature`,
-`max_tokens`, optional `stop` strings, and `logprobs = 1`.
+them. One `propose` call is one HTTP request carrying every state's prompt with `n = k`,
+`temperature`, `max_tokens`, optional `stop` strings, and `logprobs = 1`.
+
+Prompts are token ids (the completions API takes a list of token-id lists as `prompt`),
+built here by `training.prompt.build_prompt` with the served checkpoint's tokenizer and the
+prompt budget it was trained with (`training.prompt.generation_prompt_budget`), so the
+server sees exactly the tokens the trainer and the in-process generators build for the
+state: one format, one truncation rule (header and first goal kept, later goals dropped
+first). The client therefore needs the checkpoint's tokenizer: `tokenizer` is a loaded
+tokenizer or the checkpoint directory / hub id it is read from (tokenizer files only,
+never weights; the endpoints manifest's `checkpoint`). Without one the client refuses to
+start (`MissingTokenizer`), unless `text_prompts=True` is set explicitly: then it sends
+`format_prompt` text and lets vLLM cut over-long prompts from the left
+(`truncate_prompt_tokens`, `truncation_side: left`), a different rule that can drop the
+header, and it logs a warning saying so.
 
 Scores: a sample's log-probability is the sum of its `logprobs.token_logprobs` — natural
 logs, so <= 0 — over every generated token, the terminating EOS included (vLLM reports the
@@ -21,10 +33,10 @@ server rejects (400, 401, 403, 404 unknown model, 422) or a malformed answer rai
 `GeneratorError(transient=False)` at once. The response body is read in chunks and the
 deadline checked between them, so a late answer is dropped.
 
-Requests use vLLM's extensions `add_special_tokens: false` (the prompt is tokenised as the
-transformers generator and the trainer tokenise it) and `truncate_prompt_tokens` with
-`truncation_side: left` (over-long prompts keep their end); `vllm_extensions=False` leaves them out for servers
-that reject unknown fields.
+Text prompts (`text_prompts=True` only) use vLLM's extensions `add_special_tokens: false`
+(the prompt is tokenised as the trainer tokenises it) and `truncate_prompt_tokens` with
+`truncation_side: left`; `vllm_extensions=False` leaves them out for servers that reject
+unknown fields. Token-id prompts need no extension.
 
 The HTTP connection pool (`httpx.Client`, thread-safe) is shared by every generator of the
 process that talks to the same server.
@@ -32,7 +44,10 @@ process that talks to the same server.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
 import random
 import threading
@@ -43,7 +58,9 @@ from typing import Any, Sequence
 import httpx
 
 from search.types import Candidate, GeneratorError
-from training.prompt import format_prompt
+from training.prompt import FROM_CHECKPOINT, build_prompt, format_prompt, generation_prompt_budget
+
+logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 """HTTP statuses worth retrying: overload (429, 503), a restarting or failing engine, a proxy."""
@@ -79,6 +96,67 @@ def shared_client(base_url: str, *, max_connections: int = 64) -> httpx.Client:
         return client
 
 
+class MissingTokenizer(ValueError):
+    """A completions client without the served checkpoint's tokenizer (and not told to send
+    text prompts): it could not build the prompt tokens the model was trained on."""
+
+
+def load_prompt_tokenizer(source: Any) -> Any:
+    """The tokenizer prompts are built with: `source` itself when it is a loaded tokenizer,
+    else the `tokenizer.json` of the checkpoint directory `source` (read with the `tokenizers`
+    library: no torch), else `tiny-qwen2`'s, else `AutoTokenizer.from_pretrained(source)` (a
+    directory or hub id; tokenizer files only). Raises `MissingTokenizer` naming `source` when it
+    cannot be loaded."""
+    if not isinstance(source, (str, os.PathLike)):
+        if not callable(getattr(source, "encode", None)):
+            raise MissingTokenizer(f"not a tokenizer: {type(source).__name__} has no encode()")
+        return source
+    text = str(source)
+    path = os.path.expanduser(text)
+    try:
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            with open(os.path.join(path, "tokenizer.json"), "rb") as handle:
+                return _shared_tokenizer_file(hashlib.sha256(handle.read()).hexdigest(), os.path.join(path, "tokenizer.json"))
+        if text == "tiny-qwen2":  # training.modeling.TINY_MODEL: built in code, no files
+            from training.modeling import load_tokenizer
+
+            return load_tokenizer(text)
+        from transformers import AutoTokenizer  # imports torch: model-free workers avoid it with tokenizer.json
+
+        local = os.path.isdir(path)
+        return AutoTokenizer.from_pretrained(path if local else text, local_files_only=local)
+    except Exception as err:  # OSError, ValueError, the tokenizers library's own errors: all mean no tokenizer
+        raise MissingTokenizer(
+            f"cannot load the tokenizer of {text!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "give the served checkpoint's directory (the endpoints manifest's 'checkpoint', or --tokenizer)"
+        ) from err
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_tokenizer_file(digest: str, path: str) -> "_FastTokenizerFile":
+    """One tokenizer per distinct `tokenizer.json` content (sha256 `digest`): the members of an
+    ensemble share their base model's tokenizer, so a worker holds it once."""
+    return _FastTokenizerFile(path)
+
+
+class _FastTokenizerFile:
+    """A checkpoint's `tokenizer.json` through the `tokenizers` library: the same ids as its
+    Hugging Face fast tokenizer (which wraps this very object) without importing transformers,
+    whose tokenizer module loads torch (service workers stay model-free)."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self._tokenizer = Tokenizer.from_file(path)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def __repr__(self) -> str:
+        return f"_FastTokenizerFile({self.path!r})"
+
+
 @dataclass
 class ClientStats:
     """Counters since construction. `retries`: attempts repeated after a transient failure;
@@ -108,6 +186,11 @@ class OpenAICompletionsGenerator:
     `backoff_s`: the first retry's wait (doubling, with jitter, capped by `max_backoff_s`).
     `beam_search` is not offered: sample (vLLM's beam search does not return per-sample
     log-probs through this API).
+    `tokenizer`: the served checkpoint's tokenizer, or its directory / hub id (see the
+    module docstring); required unless `text_prompts=True` (text prompts, server-side
+    truncation, a warning at the first request; also for clients that only probe `health`). `max_prompt_tokens`: the prompt
+    budget; by default the one recorded in the checkpoint directory named by `tokenizer`
+    (else 2048 tokens).
     """
 
     def __init__(
@@ -119,7 +202,9 @@ class OpenAICompletionsGenerator:
         temperature: float = 1.0,
         max_new_tokens: int = 96,
         stop: Sequence[str] | None = None,
-        max_prompt_tokens: int | None = 2048,
+        max_prompt_tokens: int | str | None = FROM_CHECKPOINT,
+        tokenizer: Any = None,
+        text_prompts: bool = False,
         request_timeout_s: float = 300.0,
         max_retries: int = 4,
         backoff_s: float = 0.2,
@@ -142,7 +227,18 @@ class OpenAICompletionsGenerator:
         self.temperature = float(temperature)
         self.max_new_tokens = int(max_new_tokens)
         self.stop = list(stop) if stop else None
-        self.max_prompt_tokens = max_prompt_tokens
+        self.text_prompts = bool(text_prompts)
+        if tokenizer is None and not self.text_prompts:
+            raise MissingTokenizer(
+                f"{self.name}: the completions client needs the served checkpoint's tokenizer to build the "
+                "prompt tokens it was trained on: give its directory (the endpoints manifest's 'checkpoint', "
+                "or --tokenizer PATH), or set text_prompts explicitly to send text that the server truncates "
+                "by another rule"
+            )
+        checkpoint = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+        self.tokenizer = None if tokenizer is None else load_prompt_tokenizer(tokenizer)
+        self.max_prompt_tokens = generation_prompt_budget(max_prompt_tokens, checkpoint)
+        self._warned_text = False  # the text-prompt warning is logged once, at the first request
         self.request_timeout_s = float(request_timeout_s)
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
@@ -160,10 +256,23 @@ class OpenAICompletionsGenerator:
     # ---------------------------------------------------------------- requests
 
     def request_body(self, states: Sequence[str], k: int, model: str) -> dict[str, Any]:
-        """The JSON body of `/v1/completions` for `states` (one prompt each, `n = k`)."""
+        """The JSON body of `/v1/completions` for `states` (one prompt each, `n = k`): token-id
+        prompts (`prompt_ids`), or with `text_prompts` and no tokenizer, prompt texts."""
+        prompts: list[Any]
+        if self.tokenizer is not None:
+            prompts = [self.prompt_ids(state) for state in states]
+        else:
+            if not self._warned_text:
+                self._warned_text = True
+                logger.warning(
+                    "%s: sending text prompts: the server truncates prompts over %s tokens from the left, "
+                    "which differs from training's truncation (header and first goal kept); give the "
+                    "checkpoint's tokenizer to send the training prompt tokens", self.name, self.max_prompt_tokens,
+                )
+            prompts = [format_prompt(state) for state in states]
         body: dict[str, Any] = {
             "model": model,
-            "prompt": [format_prompt(state) for state in states],
+            "prompt": prompts,
             "n": k,
             "temperature": self.temperature,
             "max_tokens": self.max_new_tokens,
@@ -173,12 +282,19 @@ class OpenAICompletionsGenerator:
             body["stop"] = self.stop
         if self.seed is not None:
             body["seed"] = self.seed
-        if self.vllm_extensions:
+        if self.vllm_extensions and self.tokenizer is None:
             body["add_special_tokens"] = False
             if self.max_prompt_tokens is not None:
                 body["truncate_prompt_tokens"] = self.max_prompt_tokens
                 body["truncation_side"] = "left"  # keep the end (the goal), as the transformers generator does
         return body
+
+    def prompt_ids(self, state: str) -> list[int]:
+        """The prompt tokens sent for `state`: `training.prompt.build_prompt` within
+        `max_prompt_tokens`, as the trainer and the in-process generators build them."""
+        if self.tokenizer is None:
+            raise MissingTokenizer(f"{self.name}: text prompts only (no tokenizer)")
+        return build_prompt(self.tokenizer, state, self.max_prompt_tokens).ids
 
     def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> list[list[Candidate]]:
         """Up to `k` sampled tactics per state, scored by their summed token log-probs (<= 0).

@@ -23,7 +23,7 @@ import torch
 
 from search.types import Candidate, GeneratorError, GeneratorTimeout
 from training.losses import IGNORE_INDEX, sequence_logprobs
-from training.prompt import build_prompt
+from training.prompt import FROM_CHECKPOINT, build_prompt, generation_prompt_budget
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ class TransformersGenerator:
     `max_batch_states` bounds how many states share one `generate` call (each expands to
     `k` sequences); after a GPU out-of-memory the batch is halved and the size that fits is
     remembered for later calls (`stats.fitting_batch_states`; it only shrinks).
+    `max_prompt_tokens`: the prompt budget (`training.prompt.build_prompt`); by default the
+    one the checkpoint was trained with (`training.prompt.generation_prompt_budget`: its
+    `dco_training.json`, else 2048 tokens), so prompts are the tokens it was trained on.
     `max_rescore_tokens` bounds the logits materialised at once while re-scoring (rows ×
     completion length × vocabulary, in elements).
     Calls are serialised by a lock: one model, one forward at a time. Sampling draws from
@@ -97,7 +100,7 @@ class TransformersGenerator:
         top_k: int | None = None,
         top_p: float | None = None,
         max_batch_states: int = 16,
-        max_prompt_tokens: int | None = 2048,
+        max_prompt_tokens: int | str | None = FROM_CHECKPOINT,
         max_rescore_tokens: int = 1 << 26,
     ) -> None:
         if not temperature > 0:
@@ -106,6 +109,8 @@ class TransformersGenerator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if max_batch_states < 1:
             raise ValueError(f"max_batch_states must be >= 1, got {max_batch_states!r}")
+        checkpoint = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+        max_prompt_tokens = generation_prompt_budget(max_prompt_tokens, checkpoint)
         if isinstance(model, (str, os.PathLike)):
             if tokenizer is not None:
                 raise ValueError("give a tokenizer only with an already loaded model")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from search.types import Candidate, GeneratorTimeout
-from training.prompt import build_prompt
+from training.prompt import FROM_CHECKPOINT, build_prompt, generation_prompt_budget
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class VLLMGenerator:
 
     `gpu_memory_fraction`: fraction of GPU memory this engine may take (several engines
     can share a GPU). `max_prompt_tokens`: longer prompts are shortened by the training
-    rule (`training.prompt.build_prompt`, as the transformers generator does). `llm`: an
+    rule (`training.prompt.build_prompt`, as the transformers generator does); by default
+    the budget the checkpoint was trained with (`training.prompt.generation_prompt_budget`). `llm`: an
     existing engine (tests, sharing). `engine_options`: more `vllm.LLM` arguments (e.g.
     `enforce_eager=True` on CPU).
     Calls are serialised by a lock: `LLM` is not thread-safe.
@@ -163,7 +164,7 @@ class VLLMGenerator:
         gpu_memory_fraction: float = 0.2,
         seed: int = 0,
         dtype: str | None = None,
-        max_prompt_tokens: int | None = 2048,
+        max_prompt_tokens: int | str | None = FROM_CHECKPOINT,
         logprobs: int = 1,
         llm: Any = None,
         engine_options: dict[str, Any] | None = None,
@@ -178,7 +179,7 @@ class VLLMGenerator:
         self.temperature = float(temperature)
         self.max_new_tokens = int(max_new_tokens)
         self.beam_search = bool(beam_search)
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens = generation_prompt_budget(max_prompt_tokens, model_path)
         self.logprobs = int(logprobs)
         self.seed = seed
         self.stats = ConversionStats()
