@@ -210,7 +210,7 @@ class WorkerBackend:
             generator_url=g.url,
             endpoints=str(g.endpoints) if g.endpoints is not None else None,
             served_model=g.served_model,
-            tokenizer=getattr(g, "tokenizer", None),  # with url: the served checkpoint (a manifest names its members')
+            tokenizer=g.tokenizer,  # the served checkpoint (default: each manifest member's `checkpoint`)
         )
         if kind == "replay":
             env = make_environment("replay", benchmark=backend.replay_data, latency_s=backend.latency_s)

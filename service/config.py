@@ -106,6 +106,11 @@ class GeneratorConfig(_Strict):
     endpoints: Path | None = Field(None, description="endpoints manifest (JSON) of the model servers, written by serve-models")
     url: str | None = Field(None, description="one model server's root, http://host:port (instead of endpoints)")
     served_model: str | None = Field(None, description="with url: the served model name (default: the server's only model)")
+    tokenizer: str | None = Field(
+        None,
+        description="openai: the served checkpoint's directory (or tokenizer id) whose tokenizer and trained prompt "
+        "budget build the prompts (training.prompt.build_prompt); default: each manifest member's checkpoint",
+    )
     tactics: list[str] | None = None
     models: list[str] = Field(default_factory=list)
     ensemble_manifest: Path | None = None
@@ -125,6 +130,8 @@ class GeneratorConfig(_Strict):
             raise ValueError("generators.kind = 'openai' needs exactly one of generators.endpoints (a manifest) or generators.url")
         if self.kind != "openai" and (self.endpoints is not None or self.url is not None or self.served_model is not None):
             raise ValueError(f"generators.endpoints/url/served_model need generators.kind = 'openai', not {self.kind!r}")
+        if self.kind != "openai" and self.tokenizer is not None:
+            raise ValueError(f"generators.tokenizer needs generators.kind = 'openai', not {self.kind!r}")
         if self.served_model is not None and self.url is None:
             raise ValueError("generators.served_model goes with generators.url (a manifest names each member's model)")
         return self

@@ -66,6 +66,23 @@ def test_config_names_the_endpoints_and_keeps_in_process_models_to_one_worker(tm
         ServiceConfig.model_validate({"backend": {"generators": {"kind": "openai"}}})
     with pytest.raises(ValueError, match="need generators.kind = 'openai'"):
         ServiceConfig.model_validate({"backend": {"generators": {"kind": "fixed", "url": "http://127.0.0.1:1"}}})
+    with pytest.raises(ValueError, match="tokenizer needs generators.kind = 'openai'"):
+        ServiceConfig.model_validate({"backend": {"generators": {"kind": "fixed", "tokenizer": "x"}}})
+
+
+def test_one_server_by_url_takes_the_tokenizer_from_the_config(tmp_path: Path) -> None:
+    """generators.url has no manifest naming the checkpoint: `generators.tokenizer` names it,
+    and the worker's client builds its prompts with it (token ids, the training rule)."""
+    from service.backend import WorkerBackend
+
+    checkpoint = _manifest(tmp_path / "endpoints.json", "http://127.0.0.1:1", ["m"]).parent / "tiny-tokenizer"
+    url_only = {"kind": "replay", "generators": {"kind": "openai", "url": "http://127.0.0.1:1", "served_model": "m"}}
+    with pytest.raises(Exception, match="tokenizer"):
+        WorkerBackend("replay", ServiceConfig.model_validate({"backend": url_only}))
+    url_only["generators"]["tokenizer"] = str(checkpoint)
+    worker = WorkerBackend("replay", ServiceConfig.model_validate({"backend": url_only}))
+    (client,) = worker.generators.values()
+    assert client.tokenizer is not None and not getattr(client, "text_prompts", False)
 
 
 def test_a_generation_failure_is_an_error_job_with_its_cause() -> None:
