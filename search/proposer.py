@@ -93,6 +93,16 @@ class SingleProposer:
         self.ctx = ctx
         self._allows = ctx.tactic_filter.allows
         self._verdicts: dict[str, bool] = {}  # filter decisions memoised per tactic string
+
+    @property
+    def generator(self) -> TacticGenerator:
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: TacticGenerator) -> None:
+        # Invariant: `_call` always calls the current generator (a search may wrap it, e.g.
+        # sampling's one-of-k view), with `timeout_s` when it takes it.
+        self._generator = generator
         self._call = deadline_call(generator)
 
     def _allowed(self, tactic: str) -> bool:

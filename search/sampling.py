@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 from search.budget import Budget, Deadline
 from search.engine import SearchEngine
-from search.proposer import MixtureProposer, Proposal, SingleProposer
+from search.proposer import MixtureProposer, Proposal, SingleProposer, deadline_call
 from search.result import SearchResult, Status
 from search.runtime import SearchContext, StopSearch, error_result, start_root
 from search.tactic_filter import TacticFilter
@@ -71,9 +71,10 @@ class OneOfK:
         self.inner = inner
         self.name = getattr(inner, "name", "generator")
         self.rng = rng
+        self._call = deadline_call(inner)
 
-    def propose(self, states: Sequence[str], k: int, **kwargs: Any) -> Any:
-        answer = self.inner.propose(states, k, **kwargs)
+    def propose(self, states: Sequence[str], k: int, *, timeout_s: float | None = None) -> Any:
+        answer = self._call(states, k, timeout_s)
         if not isinstance(answer, (list, tuple)):
             return answer  # malformed: the proposer records it
         out = []

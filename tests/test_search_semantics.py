@@ -12,6 +12,7 @@ from search.best_first import best_first_search
 from search.budget import Budget
 from search.result import SearchResult, Status
 from search.sampling import sampling_search, stream_seed
+from search.types import Candidate
 
 
 def bf_budget(**kw) -> Budget:
@@ -72,6 +73,29 @@ def test_one_sample_per_step_follows_the_model_distribution_not_its_square() -> 
     sampling_search(THEOREM, env, SamplingGenerator(dist, seed=5), Budget(max_passes=3000, max_depth=5), samples_per_step=4, seed=2)
     share = Counter(t for _, t, _ in env.calls)["bad"] / len(env.calls)
     assert 0.77 < share < 0.83, share
+
+
+def test_one_of_k_keeps_the_deadline_contract_for_old_and_new_generators() -> None:
+    # The one-of-k view passes `timeout_s` to a generator that takes it and leaves it out
+    # for one written before the keyword existed; either way the pass proves the theorem.
+    class Old:
+        name = "old"
+
+        def propose(self, states, k):
+            return [[Candidate("qed", -0.1)] * k for _ in states]
+
+    class New(Old):
+        name = "new"
+        seen: list = []
+
+        def propose(self, states, k, *, timeout_s=None):
+            self.seen.append(timeout_s)
+            return super().propose(states, k)
+
+    for gen in (Old(), New()):
+        r = sampling_search(THEOREM, GraphEnv({"root": {"qed": QED}}), gen, Budget(max_passes=2, time_limit_s=30), samples_per_step=4)
+        assert r.proved and not any("generator_exception" in e for e in r.errors), r.errors
+    assert New.seen and all(t is not None and 0 < t <= 30 for t in New.seen)
 
 
 def test_deterministic_generator_reports_one_distinct_trajectory() -> None:
