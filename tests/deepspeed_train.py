@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,10 +27,18 @@ from training.trainer import train  # noqa: E402
 
 def main() -> None:
     torch.set_num_threads(1)
-    # Registered first, so it runs last at exit: after the trainer's own exit handler.
-    atexit.register(lambda: print(json.dumps({"process_group_at_exit": torch.distributed.is_initialized()}),
-                                  flush=True))
     out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    # One result file per process: lines of two processes sharing a stdout pipe can
+    # interleave (writes over PIPE_BUF bytes are not atomic).
+    report = out / f"report-{os.environ.get('RANK', '0')}.jsonl"
+
+    def emit(record: dict) -> None:
+        with report.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # Registered first, so it runs last at exit: after the trainer's own exit handler.
+    atexit.register(lambda: emit({"process_group_at_exit": torch.distributed.is_initialized()}))
     for run in sys.argv[2:]:
         stage, precision = run.split(":")
         config = tiny_config(out / run.replace(":", "-"), deepspeed=CONFIG_DIR / f"deepspeed_zero{stage}.json",
@@ -39,9 +48,8 @@ def main() -> None:
         records = []
         if rank == 0:
             records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
-        print(json.dumps({"run": run, "rank": rank, "world_size": torch.distributed.get_world_size(),
-                          "steps": result.steps, "records": records,
-                          "precision": result.final_metrics["precision"]}), flush=True)
+        emit({"run": run, "rank": rank, "world_size": torch.distributed.get_world_size(),
+              "steps": result.steps, "records": records, "precision": result.final_metrics["precision"]})
 
 
 if __name__ == "__main__":

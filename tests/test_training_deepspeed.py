@@ -39,7 +39,8 @@ def _launch(command: list[str], tmp_path: Path) -> list[dict]:
         env.pop(name, None)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    reports = sorted((tmp_path / "out").glob("report-*.jsonl"))  # one per process (tests/deepspeed_train.py)
+    return [json.loads(line) for report in reports for line in report.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
