@@ -94,6 +94,9 @@ def test_list_jobs_newest_first_with_cursor_and_status_filter(server):
         assert [j["id"] for j in second["items"]] == [ids[0]] and second["next_cursor"] is None
         assert {j["id"] for j in alice.get("/v1/proofs", params={"status": "proved"}).json()["items"]} == set(ids)  # not bob's
         assert alice.get("/v1/proofs", params={"status": "queued"}).json() == {"items": [], "next_cursor": None}
+        # a cursor past SQLite's 64-bit integers (found by the OpenAPI fuzzer: it was a 500) reads from the newest
+        huge = alice.get("/v1/proofs", params={"limit": 2, "cursor": "9670219919215128020"})
+        assert huge.status_code == 200 and [j["id"] for j in huge.json()["items"]] == ids[::-1][:2], huge.text
         for bad in ({"cursor": "x"}, {"limit": 0}, {"status": "done"}):
             response = alice.get("/v1/proofs", params=bad)
             assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", bad

@@ -213,6 +213,9 @@ def submit_batch(body: BatchRequest, principal: Principal = Depends(caller), sta
     return BatchResponse(items=[a for a in answers if a is not None])
 
 
+SQLITE_MAX_INT = 2**63 - 1
+
+
 @router.get("", response_model=JobList, responses={**_auth_errors, 422: _errors[422]})
 async def list_jobs(
     status: JobStatusName | None = Query(None, description="only jobs with this status"),
@@ -222,7 +225,8 @@ async def list_jobs(
     state: ServiceState = Depends(get_state),
 ) -> JobList:
     """This API key's jobs, newest first, a page at a time."""
-    before = int(cursor) if cursor is not None else None
+    # SQLite integers are 64-bit: a cursor past every sequence number means "from the newest"
+    before = min(int(cursor), SQLITE_MAX_INT) if cursor is not None else None
     jobs, next_seq = await run_in_threadpool(state.store.list_for_key, principal.key_id, status=status, limit=limit, before_seq=before)
     return JobList(items=[_view(job) for job in jobs], next_cursor=str(next_seq) if next_seq is not None else None)
 
