@@ -1,9 +1,9 @@
 """What a finished job tells its user, derived from the stored search result record.
 
 - `proof_text`: the verified proof as Lean text to paste, the whole `theorem … := by`
-  block. Tactics are laid out as the REPL backend verifies them
-  (`prover.lean.repl_env.proof_command`): each starts at a two-space block column, its own
-  relative indentation kept. The replay backend has no statement text, so its block is
+  block. Tactics are laid out as the Lean backends verify them
+  (`prover.lean.verification.indent_tactics`): each starts at a two-space block column, its
+  own relative indentation kept. The replay backend has no statement text, so its block is
   `theorem <name> := by` and the tactics.
 - `axioms`: what the Lean backend's `#print axioms` audit found (its verification message
   reads `verified; axioms: a, b` or `verified; axioms: none`); None when the backend does
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import re
-import textwrap
 from typing import Any, Sequence
 
 _AXIOMS = re.compile(r"^verified; axioms: (.*)$")
@@ -25,8 +24,9 @@ COUNTERS = ("expansions", "passes", "lean_calls", "generator_calls", "max_depth_
 def proof_text(theorem: dict[str, Any], tactics: Sequence[str]) -> str:
     statement = (theorem.get("statement") or "").strip()
     head = statement if statement else f"theorem {theorem['id']}"
-    body = "\n".join(textwrap.indent(textwrap.dedent(t).strip("\n"), "  ", lambda line: True) for t in tactics)
-    return f"{head} := by\n{body}"
+    from prover.lean.verification import indent_tactics
+
+    return f"{head} := by\n{indent_tactics(tactics)}"
 
 
 def axioms_of(result: dict[str, Any]) -> list[str] | None:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 from prover.lean.untrusted import CheckedStatement
 
-__all__ = ["ALLOWED_AXIOMS", "AxiomAudit", "VerificationCommand", "audit_axioms", "fresh_name", "parse_axioms", "verification_command"]
+__all__ = ["ALLOWED_AXIOMS", "AxiomAudit", "VerificationCommand", "audit_axioms", "fresh_name", "indent_tactics", "parse_axioms", "verification_command"]
 
 ALLOWED_AXIOMS = frozenset({"propext", "Classical.choice", "Quot.sound"})
 FRESH_PREFIX = "dco_verify_"
@@ -40,7 +40,8 @@ def fresh_name() -> str:
     return FRESH_PREFIX + secrets.token_hex(16)
 
 
-def _indent_tactics(tactics: Sequence[str]) -> str:
+def indent_tactics(tactics: Sequence[str]) -> str:
+    """The tactic block under `:= by` as every backend elaborates it (and `proof_text` shows it)."""
     # Each tactic starts at the block's column: a deeper first line would continue the
     # previous tactic's syntax. Relative indentation inside a tactic is kept.
     return "\n".join(textwrap.indent(textwrap.dedent(t).strip("\n"), "  ", lambda line: True) for t in tactics)
@@ -75,7 +76,7 @@ def verification_command(statement: CheckedStatement, tactics: Sequence[str], fr
     declared = ".".join([*prefix, fresh])
     modifiers = " ".join(m for m in statement.modifiers if m not in ("private", "protected"))
     head = (modifiers + " " if modifiers else "") + f"theorem {declared}"
-    body = f"{head}{text[rest_start:]} := by\n{_indent_tactics(tactics)}"
+    body = f"{head}{text[rest_start:]} := by\n{indent_tactics(tactics)}"
     query = ".".join([p for p in prefix if p != "_root_"] + [fresh])
     return VerificationCommand(f"{preamble}{body}" if preamble.strip() else body, query, fresh)
 
