@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 import threading
 import time
 from typing import Any, Mapping, Sequence
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from prover.eval.batching import BatchingGenerator
 from search.types import Candidate, TacticGenerator
+from tests.openai_double import LoopbackUvicorn
 from training.prompt import PROMPT_TEMPLATE
 
 _HEAD, _, _TAIL = PROMPT_TEMPLATE.partition("{state}")
@@ -84,29 +83,18 @@ class BatchingCompletionsServer:
         self.healthy = True
         self.requests = 0
         self._lock = threading.Lock()
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self._app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        self._loopback = LoopbackUvicorn(self._app())
+        self.url = self._loopback.url
 
     def stats(self, name: str) -> dict[str, Any]:
         return self.batchers[name].stats().to_json()
 
     def __enter__(self) -> "BatchingCompletionsServer":
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the completions server did not start")
-            time.sleep(0.01)
+        self._loopback.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+        self._loopback.stop()
         for batcher in self.batchers.values():
             batcher.close()
 

@@ -70,6 +70,33 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status)
 
 
+class LoopbackUvicorn:
+    """An ASGI app served by uvicorn on a free 127.0.0.1 port, in a daemon thread:
+    `start()` returns once it accepts connections, `stop()` shuts it down."""
+
+    def __init__(self, app: Any) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the loopback server at {self.url} did not start within {timeout_s:g} s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()
+
+
 class CompletionsDouble:
     """A completions server over `model` on 127.0.0.1 (an ephemeral port) in a thread."""
 
@@ -83,27 +110,16 @@ class CompletionsDouble:
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.app = self._build_app()
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        self._loopback = LoopbackUvicorn(self.app)
+        self.port = self._loopback.port
+        self.url = self._loopback.url
 
     def __enter__(self) -> "CompletionsDouble":
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the completions double did not start")
-            time.sleep(0.01)
+        self._loopback.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+        self._loopback.stop()
 
     # ------------------------------------------------------------------ the app
 
