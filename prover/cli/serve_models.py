@@ -60,6 +60,7 @@ def serve_models_command(
         ]
         devices = ms.discover_devices(device.value)
         plan = ms.plan_memory(members, devices, max_total_fraction=max_total_fraction, cpu_kv_cache_gib=cpu_kv_cache_gib)
+        ms.check_cpu_head_sizes(plan, ms.vllm_cpu_head_sizes())
     except (ManifestError, ms.MemoryPlanError, ValueError) as err:
         raise fail(str(err)) from err
     for p in plan:
