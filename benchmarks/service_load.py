@@ -68,11 +68,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(root: Path, workers: int, latency_s: float) -> tuple[subprocess.Popen, str, str, Path]:
+def start_server(
+    root: Path, workers: int, latency_s: float, *, key_name: str = "bench", **key_limits: int
+) -> tuple[subprocess.Popen, str, str, Path]:
+    """A real uvicorn process of the service on 127.0.0.1 (replay + oracle backend, each
+    tactic taking `latency_s` seconds) once `/readyz` reports `workers` workers; returns the
+    process, its base URL, an API key without practical limits (`key_limits` add others)
+    and the server's log file."""
     from service.auth import add_key
 
     data = root / "data"
-    key = add_key(data / "api_keys.json", "bench", rate_per_s=1e6, burst=1_000_000, max_concurrent_jobs=1_000_000)
+    key = add_key(data / "api_keys.json", key_name, rate_per_s=1e6, burst=1_000_000, max_concurrent_jobs=1_000_000, **key_limits)
     config = {
         "data_dir": str(data),
         "sqlite_synchronous": "FULL",

@@ -31,60 +31,19 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
-import httpx
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from service_load import drain, free_port, percentile  # noqa: E402  (the load benchmark's helpers)
-
-
-def start_server(root: Path, workers: int, latency_s: float) -> tuple[subprocess.Popen, str, str]:
-    from service.auth import add_key
-
-    data = root / "data"
-    key = add_key(data / "api_keys.json", "soak", rate_per_s=1e6, burst=1_000_000, max_concurrent_jobs=1_000_000,
-                  max_open_streams=1000)
-    config = {
-        "data_dir": str(data),
-        "sqlite_synchronous": "FULL",
-        "backend": {"kind": "replay", "latency_s": latency_s, "generators": {"kind": "oracle"}},
-        "workers": {"count": workers},
-        "limits": {"max_queue": 100_000},
-    }
-    (root / "service.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    env = dict(os.environ, DCO_SERVICE_CONFIG=str(root / "service.yaml"), DCO_SERVICE_OVERRIDES="{}")
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:app_from_env", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            ready = httpx.get(f"{base}/readyz", timeout=2)
-            if ready.status_code == 200 and ready.json()["workers"] == workers:
-                return proc, base, key
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("server did not become ready:\n" + (root / "server.log").read_text()[-3000:])
+from service_load import drain, percentile, start_server  # noqa: E402  (the load benchmark's helpers)
 
 
 def sample(pid: int) -> dict:
@@ -237,7 +196,7 @@ def main() -> None:
     if args.quick:
         args.minutes = 1.0
     with tempfile.TemporaryDirectory(prefix="dco-service-soak-") as tmp:
-        proc, base, key = start_server(Path(tmp), args.workers, args.latency_s)
+        proc, base, key, _ = start_server(Path(tmp), args.workers, args.latency_s, key_name="soak", max_open_streams=1000)
         try:
             result = asyncio.run(soak(args, base, key, proc.pid))
         finally:
