@@ -180,15 +180,19 @@ def write_plots(summary: Mapping[str, Any], directory: str | Path) -> list[Path]
         ax.set_xlabel(f"{metric} used (per member)")
         ax.set_ylabel("theorems proved (%)")
         ax.set_title(f"{info['label']}: n = {info['recorded']}")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = out / f"pass_rate_{_slug(bench)}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_plot(plt, fig, ax, out / f"pass_rate_{_slug(bench)}.png"))
     return written
+
+
+def _save_plot(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    """The plots' shared finish (y from 0, grid, legend), written to `path` and closed."""
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_pass_at_plots(summary: Mapping[str, Any], directory: str | Path, ensemble: str = "independent") -> list[Path]:
@@ -216,12 +220,5 @@ def write_pass_at_plots(summary: Mapping[str, Any], directory: str | Path, ensem
         ax.set_xlabel("n (passes per member)")
         ax.set_ylabel("pass@n (%)")
         ax.set_title(f"{info['label']}: pass@n, n = {info['recorded']} theorems")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = out / f"pass_at_n_{_slug(bench)}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_plot(plt, fig, ax, out / f"pass_at_n_{_slug(bench)}.png"))
     return written
